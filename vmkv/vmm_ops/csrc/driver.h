@@ -1,0 +1,81 @@
+// The one interface every memory backend implements.
+//
+// A Driver wraps the primitive calls of one virtual-memory API (host memfd, CUDA driver,
+// AscendCL). It does no bookkeeping: validation, batching, rollback and ownership tracking
+// live in Vmm (vmm.h), so the three backends stay small and cannot disagree on semantics.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+namespace vmkv {
+
+// An error reported by the underlying driver. `name` is the driver's own error name
+// (CUDA_ERROR_OUT_OF_MEMORY, ACL_ERROR_RT_MEMORY_ALLOCATION, ENOMEM, ...).
+class DriverError : public std::runtime_error {
+ public:
+  DriverError(std::string name, long code, const std::string& what, bool out_of_memory)
+      : std::runtime_error(name + ": " + what),
+        name_(std::move(name)),
+        code_(code),
+        out_of_memory_(out_of_memory) {}
+  const std::string& name() const { return name_; }
+  long code() const { return code_; }
+  bool out_of_memory() const { return out_of_memory_; }
+
+ private:
+  std::string name_;
+  long code_;
+  bool out_of_memory_;
+};
+
+// Whether a backend can run on this machine, and why not when it cannot.
+struct ProbeResult {
+  bool available = false;
+  std::string reason;      // empty when available
+  int device_count = 0;
+  size_t granularity = 0;  // of device 0; 0 when unavailable
+};
+
+struct MemInfo {
+  size_t free_bytes = 0;
+  size_t total_bytes = 0;
+};
+
+// Opaque per-backend handle of one physical page (CUmemGenericAllocationHandle,
+// aclrtDrvMemHandle, or a memfd offset on the host).
+using NativeHandle = uint64_t;
+
+class Driver {
+ public:
+  virtual ~Driver() = default;
+  virtual const char* kind() const = 0;
+  virtual int device() const = 0;
+  virtual size_t granularity() = 0;
+  virtual MemInfo mem_info() = 0;
+  virtual uintptr_t reserve(size_t size, size_t alignment) = 0;
+  virtual void free_reservation(uintptr_t va, size_t size) = 0;
+  virtual NativeHandle create(size_t size) = 0;
+  virtual void release(NativeHandle handle) = 0;
+  virtual void map(uintptr_t va, size_t size, NativeHandle handle) = 0;
+  virtual void unmap(uintptr_t va, size_t size) = 0;
+  // Grant read/write access to a contiguous, freshly mapped range. Only CUDA needs it;
+  // Vmm calls it once per contiguous run of a batch because one call over a range is
+  // ~150x cheaper per page than one call per page.
+  virtual void set_access(uintptr_t /*va*/, size_t /*size*/) {}
+  // Backend-specific counters for stats() (e.g. bytes the host memfd really holds).
+  virtual size_t resident_bytes() { return 0; }
+};
+
+// Factories and probes, one pair per backend file.
+std::unique_ptr<Driver> make_host_driver(int device, size_t page_size, size_t capacity_bytes);
+std::unique_ptr<Driver> make_cuda_driver(int device);
+std::unique_ptr<Driver> make_acl_driver(int device);
+ProbeResult probe_host();
+ProbeResult probe_cuda();
+ProbeResult probe_acl();
+
+}  // namespace vmkv

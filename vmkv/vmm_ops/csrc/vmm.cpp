@@ -1,0 +1,218 @@
+#include "vmm.h"
+
+#include <algorithm>
+#include <string>
+#include <unordered_set>
+
+namespace vmkv {
+namespace {
+
+std::string hex(uintptr_t value) {
+  char buffer[32];
+  snprintf(buffer, sizeof(buffer), "0x%lx", static_cast<unsigned long>(value));
+  return buffer;
+}
+
+}  // namespace
+
+Vmm::Vmm(std::unique_ptr<Driver> driver, size_t page_size) : driver_(std::move(driver)), page_size_(page_size) {
+  size_t granularity = driver_->granularity();
+  if (page_size_ == 0) page_size_ = granularity;
+  if (page_size_ % granularity != 0) {
+    throw std::invalid_argument("page_size " + std::to_string(page_size_) + " is not a multiple of the " +
+                                driver_->kind() + " granularity " + std::to_string(granularity));
+  }
+}
+
+// Teardown never throws: a driver that already went away (process exit) must not turn a
+// destructor into std::terminate.
+Vmm::~Vmm() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (const auto& [va, page] : mapping_at_) {
+    try {
+      driver_->unmap(va, page_size_);
+    } catch (const std::exception&) {
+    }
+  }
+  for (const auto& [page, handle] : pages_) {
+    try {
+      driver_->release(handle);
+    } catch (const std::exception&) {
+    }
+  }
+  for (const auto& [va, size] : reservations_) {
+    try {
+      driver_->free_reservation(va, size);
+    } catch (const std::exception&) {
+    }
+  }
+}
+
+size_t Vmm::granularity() { return driver_->granularity(); }
+
+MemInfo Vmm::mem_info() { return driver_->mem_info(); }
+
+uintptr_t Vmm::reserve(size_t size) {
+  if (size == 0 || size % page_size_ != 0) {
+    throw std::invalid_argument("reservation size " + std::to_string(size) + " is not a positive multiple of page_size " +
+                                std::to_string(page_size_));
+  }
+  uintptr_t va = driver_->reserve(size, page_size_);
+  std::lock_guard<std::mutex> lock(mutex_);
+  reservations_.emplace(va, size);
+  ++counters_.reservations;
+  counters_.reserved_bytes += size;
+  return va;
+}
+
+void Vmm::release_reservation(uintptr_t va) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = reservations_.find(va);
+  if (it == reservations_.end()) throw std::invalid_argument("no reservation starts at " + hex(va));
+  size_t size = it->second;
+  auto live = mapping_at_.lower_bound(va);
+  if (live != mapping_at_.end() && live->first < va + size) {
+    throw std::invalid_argument("reservation " + hex(va) + " still has a page mapped at " + hex(live->first));
+  }
+  driver_->free_reservation(va, size);
+  reservations_.erase(it);
+  --counters_.reservations;
+  counters_.reserved_bytes -= size;
+}
+
+std::vector<uint64_t> Vmm::create_pages(size_t count) {
+  std::vector<NativeHandle> handles;
+  handles.reserve(count);
+  try {
+    for (size_t i = 0; i < count; ++i) handles.push_back(driver_->create(page_size_));
+  } catch (...) {
+    for (NativeHandle handle : handles) {
+      try {
+        driver_->release(handle);
+      } catch (const std::exception&) {
+      }
+    }
+    throw;
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<uint64_t> ids;
+  ids.reserve(count);
+  for (NativeHandle handle : handles) {
+    uint64_t id = next_page_id_++;
+    pages_.emplace(id, handle);
+    ids.push_back(id);
+  }
+  counters_.pages_created += count;
+  return ids;
+}
+
+void Vmm::release_pages(const std::vector<uint64_t>& pages) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::unordered_set<uint64_t> seen;
+  for (uint64_t page : pages) {
+    if (pages_.count(page) == 0) throw std::invalid_argument("page " + std::to_string(page) + " does not exist");
+    if (page_at_.count(page) != 0) {
+      throw std::invalid_argument("page " + std::to_string(page) + " is still mapped at " + hex(page_at_.at(page)));
+    }
+    if (!seen.insert(page).second) throw std::invalid_argument("page " + std::to_string(page) + " is listed twice");
+  }
+  for (uint64_t page : pages) {
+    driver_->release(pages_.at(page));
+    pages_.erase(page);
+    ++counters_.pages_released;
+  }
+}
+
+const std::pair<const uintptr_t, size_t>* Vmm::find_reservation(uintptr_t va) const {
+  auto it = reservations_.upper_bound(va);
+  if (it == reservations_.begin()) return nullptr;
+  --it;
+  if (va + page_size_ > it->first + it->second) return nullptr;
+  return &*it;
+}
+
+void Vmm::check_mappable(const std::vector<MapPair>& pairs) const {
+  std::unordered_set<uintptr_t> addresses;
+  std::unordered_set<uint64_t> pages;
+  for (const auto& [va, page] : pairs) {
+    if (va % page_size_ != 0) throw std::invalid_argument("address " + hex(va) + " is not page-aligned");
+    if (find_reservation(va) == nullptr) {
+      throw std::invalid_argument("address " + hex(va) + " is not inside a reservation");
+    }
+    if (mapping_at_.count(va) != 0 || !addresses.insert(va).second) {
+      throw std::invalid_argument("address " + hex(va) + " is already mapped");
+    }
+    if (pages_.count(page) == 0) throw std::invalid_argument("page " + std::to_string(page) + " does not exist");
+    if (page_at_.count(page) != 0 || !pages.insert(page).second) {
+      throw std::invalid_argument("page " + std::to_string(page) + " is already mapped");
+    }
+  }
+}
+
+void Vmm::undo_maps(const std::vector<MapPair>& pairs, size_t count) {
+  for (size_t i = 0; i < count; ++i) {
+    try {
+      driver_->unmap(pairs[i].first, page_size_);
+    } catch (const std::exception&) {
+    }
+  }
+}
+
+void Vmm::map(const std::vector<MapPair>& pairs) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_mappable(pairs);
+  std::vector<MapPair> sorted(pairs);
+  std::sort(sorted.begin(), sorted.end());
+  size_t done = 0;
+  try {
+    for (; done < sorted.size(); ++done) driver_->map(sorted[done].first, page_size_, pages_.at(sorted[done].second));
+    // One access grant per contiguous run of addresses.
+    size_t run_start = 0;
+    for (size_t i = 1; i <= sorted.size(); ++i) {
+      if (i == sorted.size() || sorted[i].first != sorted[i - 1].first + page_size_) {
+        driver_->set_access(sorted[run_start].first, (i - run_start) * page_size_);
+        run_start = i;
+      }
+    }
+  } catch (...) {
+    undo_maps(sorted, done);
+    throw;
+  }
+  for (const auto& [va, page] : sorted) {
+    mapping_at_.emplace(va, page);
+    page_at_.emplace(page, va);
+  }
+  counters_.map_calls += 1;
+}
+
+std::vector<uint64_t> Vmm::unmap(const std::vector<uintptr_t>& addresses) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::unordered_set<uintptr_t> seen;
+  std::vector<uint64_t> pages;
+  pages.reserve(addresses.size());
+  for (uintptr_t va : addresses) {
+    auto it = mapping_at_.find(va);
+    if (it == mapping_at_.end()) throw std::invalid_argument("nothing is mapped at " + hex(va));
+    if (!seen.insert(va).second) throw std::invalid_argument("address " + hex(va) + " is listed twice");
+    pages.push_back(it->second);
+  }
+  // A driver failure part-way leaves the bookkeeping exactly matching what was unmapped.
+  for (size_t i = 0; i < addresses.size(); ++i) {
+    driver_->unmap(addresses[i], page_size_);
+    mapping_at_.erase(addresses[i]);
+    page_at_.erase(pages[i]);
+  }
+  counters_.unmap_calls += 1;
+  return pages;
+}
+
+VmmStats Vmm::stats() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  VmmStats out = counters_;
+  out.pages = pages_.size();
+  out.mapped = mapping_at_.size();
+  out.resident_bytes = driver_->resident_bytes();
+  return out;
+}
+
+}  // namespace vmkv
