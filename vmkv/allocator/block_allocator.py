@@ -1,0 +1,196 @@
+"""Page-aware block allocator over a :class:`KVSpace`.
+
+Block ids are what the engines use (vLLM's block table, SGLang's page indices): block
+``b`` lives in KV page ``b // blocks_per_page``. Allocation fills the fullest partly used
+page first (best fit) so that frees leave whole pages empty, and a page goes back to the
+pool only when every block on it is free. Block 0 is the null block the engines expect;
+it stays allocated and its page stays mapped for the allocator's whole life.
+
+Running out is a miss (``alloc`` returns None), not an exception: the engine decides
+whether to wait or preempt. Misuse raises ``ValueError`` naming the bad id and changes
+nothing.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from vmkv.allocator.kv_space import KVSpace
+
+NULL_BLOCK = 0
+
+
+@dataclass(frozen=True)
+class AllocatorStats:
+    capacity_blocks: int
+    blocks_per_page: int
+    mapped_pages: int
+    used_blocks: int  # allocated by callers; the null block is not counted
+    free_mapped_blocks: int  # free blocks on mapped pages
+    misses: int
+
+    @property
+    def fragmentation(self) -> float:
+        """Share of mapped block slots not holding a live block (0 = perfectly packed)."""
+        mapped = self.mapped_pages * self.blocks_per_page
+        return 0.0 if mapped == 0 else self.free_mapped_blocks / mapped
+
+
+class BlockAllocator:
+    """Hands out block ids, mapping KV pages as needed and unmapping empty ones.
+
+    ``keep_free_pages`` fully free pages stay mapped to absorb alloc/free churn (the
+    engine layers use a few; the default 0 returns every empty page at once).
+    """
+
+    def __init__(self, space: KVSpace, keep_free_pages: int = 0) -> None:
+        if keep_free_pages < 0:
+            raise ValueError(f"keep_free_pages must be >= 0, got {keep_free_pages}")
+        self.space = space
+        self.keep_free_pages = keep_free_pages
+        self.blocks_per_page = space.blocks_per_page
+        self.num_blocks = space.capacity_blocks
+        self._allocated = bytearray(self.num_blocks)
+        # Mapped page -> its free slots, popped lowest id first.
+        self._free_slots: dict[int, list[int]] = {}
+        # _pages_by_free[k]: mapped pages with exactly k free blocks.
+        self._pages_by_free: list[set[int]] = [set() for _ in range(self.blocks_per_page + 1)]
+        self._unmapped: list[int] = list(range(space.num_pages))  # a heap: lowest first
+        self._free_mapped = 0
+        self._used = 0
+        self._misses = 0
+        if not self._map_new_pages(1):
+            raise RuntimeError("cannot map the page holding the null block: no physical memory")
+        self._take(NULL_BLOCK)
+
+    # -- queries ---------------------------------------------------------------------
+
+    def num_free_blocks(self) -> int:
+        """Blocks this allocator could still hand out if physical memory allows."""
+        return self._free_mapped + len(self._unmapped) * self.blocks_per_page
+
+    def is_allocated(self, block: int) -> bool:
+        return 0 <= block < self.num_blocks and bool(self._allocated[block])
+
+    def stats(self) -> AllocatorStats:
+        return AllocatorStats(
+            capacity_blocks=self.num_blocks,
+            blocks_per_page=self.blocks_per_page,
+            mapped_pages=self.space.mapped_pages,
+            used_blocks=self._used,
+            free_mapped_blocks=self._free_mapped,
+            misses=self._misses,
+        )
+
+    # -- alloc / free ------------------------------------------------------------------
+
+    def alloc(self, count: int) -> list[int] | None:
+        """``count`` distinct block ids, or None (a miss) with nothing changed."""
+        if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+            raise ValueError(f"block count must be a positive integer, got {count!r}")
+        shortfall = count - self._free_mapped
+        if shortfall > 0:
+            pages = -(-shortfall // self.blocks_per_page)
+            if pages > len(self._unmapped) or not self._map_new_pages(pages):
+                self._misses += 1
+                return None
+        blocks: list[int] = []
+        while len(blocks) < count:
+            page = self._fullest_page_with_room()
+            slots = self._free_slots[page]
+            take = min(count - len(blocks), len(slots))
+            self._move(page, len(slots), len(slots) - take)
+            for _ in range(take):
+                block = slots.pop()
+                self._allocated[block] = 1
+                blocks.append(block)
+        self._free_mapped -= count
+        self._used += count
+        return blocks
+
+    def free(self, blocks: Iterable[int]) -> None:
+        """Return blocks. Pages left with no live block are unmapped (beyond the
+        ``keep_free_pages`` spares)."""
+        blocks = list(blocks)
+        self._check_freeable(blocks)
+        for block in blocks:
+            page = block // self.blocks_per_page
+            slots = self._free_slots[page]
+            self._move(page, len(slots), len(slots) + 1)
+            slots.append(block)
+            self._allocated[block] = 0
+        # Keep each page's stack ordered so the lowest free slot is popped first.
+        for page in {b // self.blocks_per_page for b in blocks}:
+            self._free_slots[page].sort(reverse=True)
+        self._free_mapped += len(blocks)
+        self._used -= len(blocks)
+        self._release_empty_pages(self.keep_free_pages)
+
+    def trim(self) -> int:
+        """Unmap every fully free page now; returns how many were unmapped."""
+        return self._release_empty_pages(0)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _check_freeable(self, blocks: list[int]) -> None:
+        seen: set[int] = set()
+        for block in blocks:
+            if isinstance(block, bool) or not isinstance(block, int):
+                raise ValueError(f"block id {block!r} is not an integer")
+            if not 0 <= block < self.num_blocks:
+                raise ValueError(f"block id {block} out of range [0, {self.num_blocks})")
+            if block == NULL_BLOCK:
+                raise ValueError("block 0 is the null block and is never freed")
+            if not self._allocated[block]:
+                raise ValueError(f"block {block} is not allocated (double free or never allocated)")
+            if block in seen:
+                raise ValueError(f"block {block} is listed twice")
+            seen.add(block)
+
+    def _take(self, block: int) -> None:
+        page = block // self.blocks_per_page
+        slots = self._free_slots[page]
+        self._move(page, len(slots), len(slots) - 1)
+        slots.remove(block)
+        self._allocated[block] = 1
+        self._free_mapped -= 1
+
+    def _move(self, page: int, old_free: int, new_free: int) -> None:
+        self._pages_by_free[old_free].discard(page)
+        self._pages_by_free[new_free].add(page)
+
+    def _fullest_page_with_room(self) -> int:
+        for free in range(1, self.blocks_per_page + 1):
+            bucket = self._pages_by_free[free]
+            if bucket:
+                return min(bucket) if free == self.blocks_per_page else next(iter(bucket))
+        raise AssertionError("no mapped page has a free block")
+
+    def _map_new_pages(self, count: int) -> bool:
+        pages = [heapq.heappop(self._unmapped) for _ in range(count)]
+        if not self.space.map_pages(pages):
+            for page in pages:
+                heapq.heappush(self._unmapped, page)
+            return False
+        bpp = self.blocks_per_page
+        for page in pages:
+            self._free_slots[page] = list(range((page + 1) * bpp - 1, page * bpp - 1, -1))
+            self._pages_by_free[bpp].add(page)
+        self._free_mapped += count * bpp
+        return True
+
+    def _release_empty_pages(self, keep: int) -> int:
+        empty = self._pages_by_free[self.blocks_per_page]
+        excess = len(empty) - keep
+        if excess <= 0:
+            return 0
+        victims = sorted(empty, reverse=True)[:excess]
+        self.space.unmap_pages(victims)
+        for page in victims:
+            empty.discard(page)
+            del self._free_slots[page]
+            heapq.heappush(self._unmapped, page)
+        self._free_mapped -= excess * self.blocks_per_page
+        return excess
