@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import pytest
+from conftest import MiB
+
+from vmkv.allocator import PagePool
+from vmkv.vmm_ops import open_vmm
+
+
+@pytest.fixture
+def host():
+    vmm = open_vmm("host", page_size=1 * MiB, host_capacity=16 * MiB)
+    yield vmm
+    vmm.close()
+
+
+def test_pages_are_recycled_not_recreated(host):
+    pool = PagePool(host)
+    first = pool.acquire(4)
+    pool.release(first)
+    again = pool.acquire(4)
+    assert sorted(again) == sorted(first)
+    assert pool.stats().created == 4
+    assert host.stats()["pages_created"] == 4
+
+
+def test_grows_on_demand_and_trims_on_request(host):
+    pool = PagePool(host)
+    pool.release(pool.acquire(6))
+    assert host.stats()["resident_bytes"] == 6 * MiB
+    assert pool.trim(keep=2) == 4
+    assert host.stats()["resident_bytes"] == 2 * MiB
+    assert pool.stats().pooled == 2
+    assert pool.trim() == 2
+    assert host.stats()["pages"] == 0
+
+
+def test_device_exhaustion_and_max_pages_are_misses(host):
+    capped = PagePool(host, max_pages=3)
+    assert capped.acquire(4) is None
+    assert capped.acquire(3) is not None
+    assert capped.acquire(1) is None
+    assert capped.stats().misses == 2
+
+    pool = PagePool(host)  # the device has 16 MiB, 3 of which `capped` holds
+    assert pool.acquire(14) is None
+    assert pool.stats().held == 0
+    assert pool.acquire(13) is not None
+
+
+def test_misuse(host):
+    pool = PagePool(host)
+    pages = pool.acquire(2)
+    with pytest.raises(ValueError, match="positive"):
+        pool.acquire(0)
+    with pytest.raises(ValueError, match="listed twice"):
+        pool.release([pages[0], pages[0]])
+    with pytest.raises(ValueError, match="not acquired"):
+        pool.release([10**6])
+    assert pool.stats().in_use == 2
+    pool.release(pages)
+    with pytest.raises(ValueError, match="not acquired"):
+        pool.release(pages)
+    with pytest.raises(ValueError, match="max_pages"):
+        PagePool(host, max_pages=-1)

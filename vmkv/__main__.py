@@ -1,0 +1,5 @@
+import sys
+
+from vmkv.cli import main
+
+sys.exit(main())
