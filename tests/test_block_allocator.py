@@ -1,0 +1,167 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MiB
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from vmkv.allocator import NULL_BLOCK, BlockAllocator, KVSpace, PagePool
+from vmkv.vmm_ops import open_vmm
+
+PAGE = 64 * 1024
+BLOCK_BYTES = 16 * 1024  # 4 blocks per page in each of the two buffers
+NUM_BLOCKS = 40  # 10 KV pages
+PHYSICAL_PAGES = 12  # room for 6 KV pages: misses happen
+
+
+def make_allocator(keep_free_pages: int = 0, capacity_pages: int = PHYSICAL_PAGES):
+    vmm = open_vmm("host", page_size=PAGE, host_capacity=capacity_pages * PAGE)
+    space = KVSpace(PagePool(vmm), [BLOCK_BYTES, BLOCK_BYTES], NUM_BLOCKS)
+    return vmm, space, BlockAllocator(space, keep_free_pages=keep_free_pages)
+
+
+class AllocatorMachine(RuleBasedStateMachine):
+    """The allocator against a set of owned ids, with each live block's bytes checked."""
+
+    @initialize()
+    def setup(self):
+        self.vmm, self.space, self.allocator = make_allocator()
+        self.views = [self.space.tensor(i, torch.int64, (NUM_BLOCKS, BLOCK_BYTES // 8)) for i in range(2)]
+        self.owned: set[int] = set()
+        self.serial = 0
+        self.stamp: dict[int, int] = {}
+
+    def teardown(self):
+        if hasattr(self, "vmm"):
+            self.views = []
+            self.vmm.close()
+
+    def snapshot(self):
+        return (self.allocator.stats(), self.vmm.stats(), self.allocator.num_free_blocks())
+
+    def free_mapped_in_model(self) -> int:
+        mapped = sum(self.space.is_mapped(p) for p in range(self.space.num_pages))
+        return mapped * self.space.blocks_per_page - len(self.owned) - 1
+
+    @rule(count=st.integers(1, 12))
+    def alloc(self, count):
+        free_mapped = self.free_mapped_in_model()
+        before = self.snapshot()
+        blocks = self.allocator.alloc(count)
+        if blocks is None:
+            assert count > free_mapped, "missed although mapped pages had room"
+            after = self.snapshot()
+            assert after[0].misses == before[0].misses + 1
+            assert (after[0].used_blocks, after[0].mapped_pages) == (before[0].used_blocks, before[0].mapped_pages)
+            return
+        assert len(blocks) == count == len(set(blocks))
+        assert NULL_BLOCK not in blocks
+        assert not self.owned & set(blocks)
+        for block in blocks:
+            self.serial += 1
+            self.stamp[block] = self.serial
+            for view in self.views:
+                view[block] = self.serial
+        self.owned |= set(blocks)
+
+    @precondition(lambda self: self.owned)
+    @rule(data=st.data())
+    def free(self, data):
+        victims = data.draw(st.lists(st.sampled_from(sorted(self.owned)), min_size=1, unique=True))
+        self.allocator.free(victims)
+        self.owned -= set(victims)
+
+    @rule(data=st.data())
+    def bad_free(self, data):
+        never = [b for b in range(NUM_BLOCKS) if b not in self.owned and b != NULL_BLOCK]
+        choices = [[NULL_BLOCK], [NUM_BLOCKS], [-1], ["3"]]
+        if never:
+            choices.append([data.draw(st.sampled_from(never))])
+        if self.owned:
+            some = data.draw(st.sampled_from(sorted(self.owned)))
+            choices.append([some, some])
+            if never:  # a good id first, then a bad one: nothing may be freed
+                choices.append([some, never[0]])
+        bad = data.draw(st.sampled_from(choices))
+        before = self.snapshot()
+        with pytest.raises(ValueError):
+            self.allocator.free(bad)
+        assert self.snapshot() == before
+
+    @rule(count=st.sampled_from([0, -3, True, 2.5]))
+    def bad_alloc(self, count):
+        before = self.snapshot()
+        with pytest.raises(ValueError):
+            self.allocator.alloc(count)
+        assert self.snapshot() == before
+
+    @invariant()
+    def accounting_matches_model(self):
+        if not hasattr(self, "allocator"):
+            return
+        stats = self.allocator.stats()
+        assert stats.used_blocks == len(self.owned)
+        bpp = self.space.blocks_per_page
+        expected_pages = {0} | {b // bpp for b in self.owned}
+        mapped = {p for p in range(self.space.num_pages) if self.space.is_mapped(p)}
+        assert mapped == expected_pages  # a page goes back exactly when all its blocks are free
+        assert self.vmm.stats()["mapped"] == len(mapped) * self.space.physical_per_page
+        assert stats.free_mapped_blocks == len(mapped) * bpp - len(self.owned) - 1
+        for block in range(NUM_BLOCKS):
+            assert self.allocator.is_allocated(block) == (block in self.owned or block == NULL_BLOCK)
+
+    @invariant()
+    def live_data_intact(self):
+        if not hasattr(self, "allocator"):
+            return
+        for block in self.owned:
+            for view in self.views:
+                assert int(view[block, 0]) == self.stamp[block]
+                assert int(view[block, -1]) == self.stamp[block]
+
+
+TestAllocatorMachine = AllocatorMachine.TestCase
+TestAllocatorMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+def test_best_fit_fills_the_fullest_page_first():
+    vmm, space, allocator = make_allocator(capacity_pages=20)
+    blocks = allocator.alloc(15)  # pages 0..3 (block 0 is the null block)
+    assert sorted(blocks) == list(range(1, 16))
+    allocator.free([13, 14, 15])  # page 3: 1 used, 3 free
+    allocator.free([6])  # page 1: 1 free
+    assert allocator.alloc(1) == [6]
+    assert allocator.alloc(2) == [13, 14]
+    vmm.close()
+
+
+def test_pages_return_only_when_empty_and_spares_are_kept():
+    vmm, space, allocator = make_allocator(keep_free_pages=1, capacity_pages=20)
+    blocks = allocator.alloc(11)  # pages 0, 1, 2
+    assert space.mapped_pages == 3
+    allocator.free(blocks[3:10])  # page 1 empty; page 2 keeps block 11
+    assert space.mapped_pages == 3  # page 1 is the one spare
+    allocator.free([blocks[10]])
+    assert space.mapped_pages == 2  # page 2 went back, page 1 stays as the spare
+    assert allocator.trim() == 1
+    assert space.mapped_pages == 1
+    stats = allocator.stats()
+    assert (stats.used_blocks, stats.free_mapped_blocks) == (3, 0)
+    assert stats.fragmentation == 0.0
+    vmm.close()
+
+
+def test_free_capacity_and_null_block():
+    vmm, space, allocator = make_allocator(capacity_pages=40)
+    assert allocator.num_free_blocks() == NUM_BLOCKS - 1
+    assert allocator.is_allocated(NULL_BLOCK)
+    assert allocator.alloc(NUM_BLOCKS) is None
+    everything = allocator.alloc(NUM_BLOCKS - 1)
+    assert sorted(everything) == list(range(1, NUM_BLOCKS))
+    assert allocator.alloc(1) is None
+    assert allocator.stats().misses == 2
+    with pytest.raises(ValueError, match="null block"):
+        allocator.free([NULL_BLOCK])
+    vmm.close()

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def vmkv(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vmkv", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_info_json_reports_every_backend_and_why():
+    result = vmkv("info", "--json")
+    assert result.returncode == 0, result.stderr
+    report = {entry["backend"]: entry for entry in json.loads(result.stdout)["backends"]}
+    assert set(report) == {"host", "cuda", "acl"}
+    host = report["host"]
+    assert host["available"] and host["device_count"] == 1 and host["granularity"] == 4096
+    assert host["total_bytes"] > 0
+    acl = report["acl"]  # through the test shim (conftest sets VMKV_ACL_LIBRARY)
+    assert acl["available"] and acl["granularity"] == 2 << 20
+    for entry in report.values():
+        assert entry["available"] or entry["reason"]
+
+
+def test_info_text_and_a_missing_acl_library():
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("VMKV_ACL_LIBRARY", "ASCEND_HOME_PATH")}
+    result = subprocess.run([sys.executable, "-m", "vmkv", "info"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0
+    acl_line = next(line for line in result.stdout.splitlines() if line.startswith("acl"))
+    assert "neither VMKV_ACL_LIBRARY nor ASCEND_HOME_PATH is set" in acl_line
+    env["VMKV_ACL_LIBRARY"] = "/nonexistent/libascendcl.so"
+    result = subprocess.run([sys.executable, "-m", "vmkv", "info"], capture_output=True, text=True, env=env)
+    assert "/nonexistent/libascendcl.so" in result.stdout
+
+
+def test_unknown_verb_is_an_error_without_a_shell():
+    result = vmkv("rm -rf /")
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr
+
+
+def test_demo_pages_grow_and_come_back():
+    result = vmkv("demo", "--seconds", "3")
+    assert result.returncode == 0, result.stdout + result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert "after the run: A=0 B=0" in last
+    peak_a = int(last.split("A=")[1].split()[0])
+    assert peak_a > 100  # MiB mapped during A's burst
