@@ -54,8 +54,15 @@ def run(backend: str, rounds: int) -> dict[str, object]:
         for batch in (1, bpp, 4 * bpp):
             ops = allocator_ops_per_second(allocator, batch, rounds)
             floor = floor_ops_per_second(batch, rounds)
-            rows.append({"mode": mode, "batch": batch, "ops_per_s": round(ops), "floor_ops_per_s": round(floor),
-                         "vs_floor": round(ops / floor, 3)})
+            rows.append(
+                {
+                    "mode": mode,
+                    "batch": batch,
+                    "ops_per_s": round(ops),
+                    "floor_ops_per_s": round(floor),
+                    "vs_floor": round(ops / floor, 3),
+                }
+            )
         allocator.trim()
         space.unmap_pages([0])  # the null block's page, so the next allocator starts clean
     space.close()
@@ -64,7 +71,9 @@ def run(backend: str, rounds: int) -> dict[str, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backend", choices=["host", "cuda", "acl"], default="host")
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--json", action="store_true")
@@ -72,7 +81,8 @@ def main() -> None:
     result = run(args.backend, args.rounds)
     print(f"{'mode':7} {'batch':>5} {'ops/s':>12} {'floor ops/s':>12} {'ratio':>6}")
     for r in result["rows"]:
-        print(f"{r['mode']:7} {r['batch']:5} {r['ops_per_s']:12,} {r['floor_ops_per_s']:12,} {r['vs_floor']:6.3f}")
+        ops, floor = f"{r['ops_per_s']:12,}", f"{r['floor_ops_per_s']:12,}"
+        print(f"{r['mode']:7} {r['batch']:5} {ops} {floor} {r['vs_floor']:6.3f}")
     emit(result, args.json)
 
 

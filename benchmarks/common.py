@@ -17,7 +17,9 @@ def elapsed(run: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def median_seconds(run: Callable[[], object], repeats: int, setup: Callable[[], object] | None = None) -> float:
+def median_seconds(
+    run: Callable[[], object], repeats: int, setup: Callable[[], object] | None = None
+) -> float:
     """Median wall time of ``run`` over ``repeats`` runs; ``setup`` runs untimed before each."""
     samples = []
     for _ in range(repeats):

@@ -20,16 +20,18 @@ python3 -m pytest -q -m "not gpu" -p no:cacheprovider tests 2>&1 | tee "$OUT/pyt
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 (cd benchmarks && python3 bench_vmm.py --backend cuda --json) 2>&1 | tee "$OUT/bench_vmm_cuda.txt"
+(cd benchmarks && python3 bench_vmm.py --backend cuda --page-mib 32 --json) 2>&1 | tee "$OUT/bench_vmm_cuda_32m.txt"
 (cd benchmarks && python3 bench_alloc.py --backend cuda --json) 2>&1 | tee "$OUT/bench_alloc_cuda.txt"
 
 echo "== summary =="
 grep -E "passed|failed" "$OUT/pytest-gpu.log" | tail -1 | sed 's/^/gpu tests:  /'
 grep -E "passed|failed" "$OUT/pytest-rest.log" | tail -1 | sed 's/^/cpu tests:  /'
-python3 - "$OUT/bench_vmm_cuda.txt" <<'PY'
+python3 - "$OUT/bench_vmm_cuda.txt" "$OUT/bench_vmm_cuda_32m.txt" <<'PY'
 import json, sys
-rows = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])["rows"]
-for r in rows:
-    print(f"batch {r['batch']:4}: map {r['vmkv_map_us']:.2f} us/page, {r['map_vs_floor']:.2f}x pooled floor, "
-          f"naive path {r['naive_vs_map']:.1f}x slower")
+for path in sys.argv[1:]:
+    result = json.loads(open(path).read().strip().splitlines()[-1])
+    for r in result["rows"]:
+        print(f"{result['page_size'] >> 20:3} MiB pages, batch {r['batch']:4}: map {r['vmkv_map_us']:.2f} us/page, "
+              f"{r['map_vs_floor']:.2f}x pooled floor, naive {r['naive_vs_map']:.2f}x slower")
 PY
 exit $status

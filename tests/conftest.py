@@ -8,6 +8,7 @@ import ctypes
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,8 @@ MiB = 1 << 20
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    out_dir = Path(config.cache.mkdir("acl_shim")) if config.cache else Path("/tmp")
+    out_dir = Path(tempfile.gettempdir()) / f"vmkv-acl-shim-{os.getuid()}"
+    out_dir.mkdir(mode=0o700, exist_ok=True)
     library = out_dir / "libascendcl.so"
     if not library.exists() or library.stat().st_mtime < SHIM_SOURCE.stat().st_mtime:
         subprocess.run(

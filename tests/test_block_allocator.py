@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MiB
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -54,7 +53,10 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert count > free_mapped, "missed although mapped pages had room"
             after = self.snapshot()
             assert after[0].misses == before[0].misses + 1
-            assert (after[0].used_blocks, after[0].mapped_pages) == (before[0].used_blocks, before[0].mapped_pages)
+            assert (after[0].used_blocks, after[0].mapped_pages) == (
+                before[0].used_blocks,
+                before[0].mapped_pages,
+            )
             return
         assert len(blocks) == count == len(set(blocks))
         assert NULL_BLOCK not in blocks
@@ -127,7 +129,7 @@ TestAllocatorMachine.settings = settings(max_examples=60, stateful_step_count=40
 
 
 def test_best_fit_fills_the_fullest_page_first():
-    vmm, space, allocator = make_allocator(capacity_pages=20)
+    vmm, _space, allocator = make_allocator(capacity_pages=20)
     blocks = allocator.alloc(15)  # pages 0..3 (block 0 is the null block)
     assert sorted(blocks) == list(range(1, 16))
     allocator.free([13, 14, 15])  # page 3: 1 used, 3 free
@@ -154,7 +156,7 @@ def test_pages_return_only_when_empty_and_spares_are_kept():
 
 
 def test_free_capacity_and_null_block():
-    vmm, space, allocator = make_allocator(capacity_pages=40)
+    vmm, _space, allocator = make_allocator(capacity_pages=40)
     assert allocator.num_free_blocks() == NUM_BLOCKS - 1
     assert allocator.is_allocated(NULL_BLOCK)
     assert allocator.alloc(NUM_BLOCKS) is None

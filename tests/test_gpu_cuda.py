@@ -29,7 +29,9 @@ def space():
 
 
 def layer_views(space: KVSpace) -> list[torch.Tensor]:
-    return [space.tensor(2 * i, torch.bfloat16, (2, space.capacity_blocks, *BLOCK_SHAPE)) for i in range(LAYERS)]
+    return [
+        space.tensor(2 * i, torch.bfloat16, (2, space.capacity_blocks, *BLOCK_SHAPE)) for i in range(LAYERS)
+    ]
 
 
 def page_blocks(space: KVSpace, page: int) -> slice:
@@ -62,7 +64,7 @@ def test_live_data_intact_across_other_maps_and_unmaps(space):
             cache[:, page_blocks(space, 2)].fill_(3.0)
         torch.cuda.synchronize()
         space.unmap_pages([5, 0, 2])
-    for cache, data in zip(caches, expected):
+    for cache, data in zip(caches, expected, strict=True):
         assert torch.equal(cache[:, page_blocks(space, 1)], data)
 
 

@@ -15,7 +15,9 @@ def pool():
     vmm.close()
 
 
-def vllm_like_space(pool: PagePool, layers: int = 4, num_blocks: int = 256) -> tuple[KVSpace, tuple[int, ...]]:
+def vllm_like_space(
+    pool: PagePool, layers: int = 4, num_blocks: int = 256
+) -> tuple[KVSpace, tuple[int, ...]]:
     """Per layer a (2, num_blocks, block_size, heads, head_dim) bf16 tensor, as vLLM's
     FlashAttention backend allocates it: K and V are two adjacent buffers."""
     block_shape = (16, 8, 128)  # 16 tokens x 8 KV heads x 128 dims
@@ -68,14 +70,14 @@ def test_live_data_survives_other_maps_and_unmaps(pool):
     assert space.map_pages([1])
     live = list(range(64, 128))  # page 1
     expected = [torch.randn((2, len(live), *block_shape)).to(torch.bfloat16) for _ in range(layers)]
-    for cache, data in zip(caches, expected):
+    for cache, data in zip(caches, expected, strict=True):
         cache[:, live] = data
     for _ in range(3):
         assert space.map_pages([0, 2, 3])
         for cache in caches:
             cache[:, 128:192] = 1.0  # other pages see writes
         space.unmap_pages([3, 0, 2])
-    for cache, data in zip(caches, expected):
+    for cache, data in zip(caches, expected, strict=True):
         assert torch.equal(cache[:, live], data)
 
 

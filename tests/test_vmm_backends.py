@@ -112,7 +112,11 @@ def test_out_of_memory_is_an_exception_with_the_driver_name(vmm):
         while True:
             pages += vmm.create_pages(batch)
     assert isinstance(info.value, DriverError)
-    assert info.value.name in {"HOST_ERROR_OUT_OF_MEMORY", "ACL_ERROR_RT_MEMORY_ALLOCATION", "CUDA_ERROR_OUT_OF_MEMORY"}
+    assert info.value.name in {
+        "HOST_ERROR_OUT_OF_MEMORY",
+        "ACL_ERROR_RT_MEMORY_ALLOCATION",
+        "CUDA_ERROR_OUT_OF_MEMORY",
+    }
     assert info.value.name in str(info.value)
     # The failed batch left nothing behind, and releasing makes room again.
     assert vmm.stats()["pages"] == len(pages)
@@ -132,7 +136,7 @@ def test_concurrent_batches_from_threads(vmm):
             base = va + index * per_thread * size
             addresses = [base + i * size for i in range(per_thread)]
             for _ in range(rounds):
-                vmm.map(list(zip(addresses, pages)))
+                vmm.map(list(zip(addresses, pages, strict=True)))
                 assert sorted(vmm.unmap(addresses)) == sorted(pages)
             vmm.release_pages(pages)
         except BaseException as error:  # surfaced below

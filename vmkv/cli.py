@@ -53,7 +53,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vmkv", description="Elastic KV-cache memory for co-located engines")
+    parser = argparse.ArgumentParser(
+        prog="vmkv", description="Elastic KV-cache memory for co-located engines"
+    )
     verbs = parser.add_subparsers(dest="verb", required=True)
     info = verbs.add_parser("info", help="backends on this machine, granularity and device count")
     info.add_argument("--json", action="store_true", help="print one JSON object")

@@ -67,7 +67,10 @@ def run_demo(seconds: float = 6.0, period: float = 3.0) -> int:
     latest: dict[str, Sample] = {}
     peak: dict[str, int] = {"A": 0, "B": 0}
     next_print = 0.0
-    print(f"{'t/s':>5} | {'A blocks':>8} {'A pages':>7} {'A MiB':>6} | {'B blocks':>8} {'B pages':>7} {'B MiB':>6}")
+    columns = " ".join(
+        f"{'{name} ' + label:>{width}}" for label, width in (("blocks", 8), ("pages", 7), ("MiB", 6))
+    )
+    print(f"{'t/s':>5} | {columns.format(name='A')} | {columns.format(name='B')}")
     while any(p.is_alive() for p in procs) or not samples.empty():
         try:
             sample = samples.get(timeout=0.2)

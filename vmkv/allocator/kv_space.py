@@ -76,7 +76,7 @@ class KVSpace:
     def _addresses(self, page: int) -> list[int]:
         size = self.pool.page_size
         out: list[int] = []
-        for base, chunk in zip(self._buffer_base, self._chunk_bytes):
+        for base, chunk in zip(self._buffer_base, self._chunk_bytes, strict=True):
             start = base + page * chunk
             out.extend(range(start, start + chunk, size))
         return out
@@ -102,7 +102,7 @@ class KVSpace:
                 return False
             addresses = [a for page in pages for a in self._addresses(page)]
             try:
-                self.vmm.map(list(zip(addresses, physical)))
+                self.vmm.map(list(zip(addresses, physical, strict=True)))
             except BaseException:
                 self.pool.release(physical)
                 raise

@@ -101,4 +101,6 @@ class PagePool:
 
     def stats(self) -> PoolStats:
         with self._lock:
-            return PoolStats(self.page_size, len(self._in_use), len(self._pooled), self._created, self._misses)
+            return PoolStats(
+                self.page_size, len(self._in_use), len(self._pooled), self._created, self._misses
+            )

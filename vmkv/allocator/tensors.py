@@ -48,9 +48,7 @@ def _npu_bytes(address: int, nbytes: int, device: int) -> torch.Tensor:
     return torch_npu._C._construct_NPU_Tensor_From_Storage_And_Metadata(metadata, storage)
 
 
-def tensor_at(
-    kind: str, device: int, address: int, dtype: torch.dtype, shape: Sequence[int]
-) -> torch.Tensor:
+def tensor_at(kind: str, device: int, address: int, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
     """A contiguous ``dtype`` tensor of ``shape`` over memory at ``address`` on a
     backend's device (host: CPU memory; cuda: a CUDA device; acl: an Ascend NPU)."""
     import torch

@@ -1,0 +1,37 @@
+# vmkv developer entry points. Everything runs from a local virtualenv (.venv) that the
+# first target builds: torch (CPU build by default; override TORCH=...), the C++
+# extension, and the test tools.
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test lint bench gpu-check clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py pyproject.toml $(wildcard vmkv/vmm_ops/csrc/*)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q "$(TORCH)" numpy
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: install
+	$(PY) -m vmkv demo
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: install
+	cd benchmarks && ../$(PY) bench_vmm.py --backend host --json && ../$(PY) bench_alloc.py --json
+
+# On the GPU machine (see README): build there, run GPU tests and CUDA benchmarks.
+gpu-check:
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info vmkv/vmm_ops/_C*.so
