@@ -23,8 +23,8 @@ test: install
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check vmkv tests benchmarks setup.py
+	$(VENV)/bin/ruff format --check vmkv tests benchmarks setup.py
 
 bench: install
 	cd benchmarks && ../$(PY) bench_vmm.py --backend host --json && ../$(PY) bench_alloc.py --json

@@ -8,6 +8,7 @@ of device memory raises :class:`OutOfDeviceMemory` so callers can turn it into a
 
 from __future__ import annotations
 
+from vmkv.vmm_ops import _C
 from vmkv.vmm_ops._C import DriverError, OutOfDeviceMemory, Vmm, probe
 
 BACKENDS = ("host", "cuda", "acl")
@@ -27,8 +28,6 @@ def resolve_backend(kind: str) -> str:
 def open_vmm(kind: str = "auto", device: int = 0, page_size: int = 0, host_capacity: int = 0) -> Vmm:
     """Open a backend on one device. ``page_size`` 0 means the backend's granularity
     (2 MiB for the host backend); ``host_capacity`` bounds the host backend's memory."""
-    from vmkv.vmm_ops import _C
-
     return _C.open(resolve_backend(kind), device, page_size, host_capacity)
 
 
