@@ -1,4 +1,5 @@
-"""Builds vmkv.vmm_ops._C, the torch-free C++17 core. Driver libraries are opened at run
+"""Builds the torch-free C++17 cores: vmkv.vmm_ops._C (virtual memory) and
+vmkv.coordinator._table (the shared lease table). Driver libraries are opened at run
 time, so the build needs neither CUDA nor CANN; when cuda.h is found it is only used to
 check our ABI declarations at compile time."""
 
@@ -20,4 +21,13 @@ extension = Pybind11Extension(
     libraries=["dl"],
 )
 
-setup(ext_modules=[extension], cmdclass={"build_ext": build_ext})
+coordinator = Pybind11Extension(
+    "vmkv.coordinator._table",
+    [f"vmkv/coordinator/csrc/{name}" for name in ("bindings.cpp", "table.cpp")],
+    include_dirs=["vmkv/coordinator/csrc"],
+    cxx_std=17,
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-fvisibility=hidden"],
+    libraries=["pthread"],
+)
+
+setup(ext_modules=[extension, coordinator], cmdclass={"build_ext": build_ext})

@@ -6,8 +6,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
+from typing import Any
 
+from vmkv.coordinator import UNLIMITED, Segment, SegmentError, parse_size, user_segments
+from vmkv.coordinator.instance import ring
+from vmkv.coordinator.metrics import render, serve
+from vmkv.coordinator.segment import remove_segment
+from vmkv.coordinator.units import format_size
 from vmkv.vmm_ops import BACKENDS, DriverError, open_vmm, probe
 
 
@@ -52,6 +59,126 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(seconds=args.seconds)
 
 
+def _segments(only: str | None) -> list[Segment]:
+    names = [only] if only else user_segments()
+    return [Segment.attach(name) for name in names]
+
+
+def _listing(only: str | None) -> list[dict[str, Any]]:
+    """Every segment with its header and live instances (dead ones are swept first)."""
+    out: list[dict[str, Any]] = []
+    for segment in _segments(only):
+        segment.table.sweep()
+        out.append({"segment": segment.name, **segment.table.header(), "instances": segment.table.snapshot()})
+    return out
+
+
+def _print_listing(listing: list[dict[str, Any]]) -> None:
+    if not listing:
+        print("no vmkv coordinator segments for this user")
+    for entry in listing:
+        page, budget, instances = entry["page_size"], entry["budget_pages"], entry["instances"]
+        leased = sum(i["leased"] for i in instances)
+        print(
+            f"{entry['segment']}: budget {format_size(budget * page)} ({budget} pages of "
+            f"{format_size(page)}), leased {format_size(leased * page)}, "
+            f"free {format_size((budget - leased) * page)}"
+        )
+        print(
+            f"  {'name':16} {'engine':8} {'pid':>7} {'leased':>8} {'held':>8} {'mapped':>8} {'reclaim.':>8} "
+            f"{'fair':>8} {'min':>8} {'max':>8} {'weight':>6} {'grants':>7} {'misses':>7} {'reclaims':>8}"
+        )
+        for i in instances:
+            sizes = [
+                format_size(int(i[k]) * page) if int(i[k]) < UNLIMITED else "-"
+                for k in ("leased", "held", "mapped", "reclaimable", "fair_pages", "min_pages", "max_pages")
+            ]
+            print(
+                f"  {i['name']:16.16} {i['engine']:8.8} {i['pid']:>7} "
+                + " ".join(f"{v:>8}" for v in sizes)
+                + f" {i['weight']:>6} {i['grants']:>7} {i['misses']:>7} {i['reclaims']:>8}"
+            )
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    if args.prom:
+        print(render(lambda: _segments(args.segment)), end="")
+    elif args.json:
+        print(json.dumps({"segments": _listing(args.segment)}))
+    else:
+        _print_listing(_listing(args.segment))
+    return 0
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    shown = 0
+    while args.iterations == 0 or shown < args.iterations:
+        print("\033[H\033[J", end="")  # home + clear: a plain redraw, no curses needed
+        print(time.strftime("%H:%M:%S"), "vmkv top (Ctrl-C to quit)")
+        _print_listing(_listing(args.segment))
+        shown += 1
+        if args.iterations == 0 or shown < args.iterations:
+            time.sleep(args.interval)
+    return 0
+
+
+def cmd_limit(args: argparse.Namespace) -> int:
+    if args.min is None and args.max is None and args.weight is None:
+        raise SystemExit("vmkv limit: give at least one of --min, --max, --weight")
+    for segment in _segments(args.segment):
+        rows = [r for r in segment.table.snapshot() if r["name"] == args.name]
+        if not rows:
+            continue
+        header = segment.table.header()
+        page, total = header["page_size"], header["budget_pages"] * header["page_size"]
+        new_min, new_max = (
+            -1 if text is None else -(-parse_size(text, total) // page) for text in (args.min, args.max)
+        )
+        slot = segment.table.set_limits(args.name, new_min, new_max, args.weight or -1)
+        ring(segment, slot)
+        print(f"{args.name}: limits updated in {segment.name}")
+        return 0
+    print(f"vmkv limit: no live instance named {args.name!r}", file=sys.stderr)
+    return 1
+
+
+def cmd_budget(args: argparse.Namespace) -> int:
+    for segment in _segments(args.segment):
+        header = segment.table.header()
+        total = header["budget_pages"] * header["page_size"]
+        segment.table.set_budget(parse_size(args.size, total) // header["page_size"])
+        print(f"{segment.name}: budget set to {args.size}")
+    return 0
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    """Remove this user's segments that no live instance uses; refuse the others."""
+    status = 0
+    for name in [args.segment] if args.segment else user_segments():
+        try:
+            segment = Segment.attach(name)
+            segment.table.sweep()
+            live = [r for r in segment.table.snapshot() if r["alive"]]
+        except SegmentError as error:
+            print(f"{name}: unusable ({error}); removing it")
+            live = []
+        if live:
+            pids = ", ".join(f"{r['name']} (pid {r['pid']})" for r in live)
+            print(f"{name}: in use by {pids}; not removed", file=sys.stderr)
+            status = 1
+            continue
+        remove_segment(name)
+        print(f"{name}: removed")
+    return status
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    serve(args.port, lambda: _segments(args.segment), args.address)
+    print(f"serving Prometheus metrics on http://{args.address}:{args.port}/metrics (Ctrl-C to stop)")
+    while True:
+        time.sleep(3600)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vmkv", description="Elastic KV-cache memory for co-located engines"
@@ -60,6 +187,33 @@ def build_parser() -> argparse.ArgumentParser:
     info = verbs.add_parser("info", help="backends on this machine, granularity and device count")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(handler=cmd_info)
+    ls = verbs.add_parser("ls", help="instances, leases, usage, reclaimable pages and quotas")
+    ls.add_argument("--json", action="store_true", help="print one JSON object")
+    ls.add_argument("--prom", action="store_true", help="print Prometheus text format")
+    top = verbs.add_parser("top", help="a live view of `vmkv ls`")
+    top.add_argument("--interval", type=float, default=1.0)
+    top.add_argument("--iterations", type=int, default=0, help="stop after N screens (0: run until Ctrl-C)")
+    limit = verbs.add_parser("limit", help="change an instance's min, max or weight (applied at once)")
+    limit.add_argument("name")
+    limit.add_argument("--min", help="guaranteed size: 512M, 4G, 10%% (of the budget)")
+    limit.add_argument("--max", help="maximum size: 512M, 4G, 10%% (of the budget)")
+    limit.add_argument("--weight", type=int, help="share weight, 1 to 1000000")
+    budget = verbs.add_parser("budget", help="change the device budget: 40G or 80%% (of the current budget)")
+    budget.add_argument("size")
+    reset = verbs.add_parser("reset", help="remove stale segments (refused while live instances use them)")
+    metrics = verbs.add_parser("metrics", help="serve Prometheus metrics over HTTP")
+    metrics.add_argument("--port", type=int, required=True)
+    metrics.add_argument("--address", default="127.0.0.1")
+    for verb, handler in (
+        (ls, cmd_ls),
+        (top, cmd_top),
+        (limit, cmd_limit),
+        (budget, cmd_budget),
+        (reset, cmd_reset),
+        (metrics, cmd_metrics),
+    ):
+        verb.add_argument("--segment", help="one segment, e.g. /vmkv-1000-cuda0 (default: all of yours)")
+        verb.set_defaults(handler=handler)
     demo = verbs.add_parser("demo", help="two processes grow and shrink KV spaces on the host backend")
     demo.add_argument("--seconds", type=float, default=6.0, help="length of the run")
     demo.set_defaults(handler=cmd_demo)
@@ -68,7 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except (SegmentError, ValueError) as error:
+        print(f"vmkv {args.verb}: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ nothing.
 from __future__ import annotations
 
 import heapq
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -52,6 +53,8 @@ class BlockAllocator:
         self.keep_free_pages = keep_free_pages
         self.blocks_per_page = space.blocks_per_page
         self.num_blocks = space.capacity_blocks
+        # alloc/free come from the engine; trim may come from the coordinator's thread.
+        self._lock = threading.RLock()
         self._allocated = bytearray(self.num_blocks)
         # Mapped page -> its free slots, popped lowest id first.
         self._free_slots: dict[int, list[int]] = {}
@@ -70,6 +73,10 @@ class BlockAllocator:
     def num_free_blocks(self) -> int:
         """Blocks this allocator could still hand out if physical memory allows."""
         return self._free_mapped + len(self._unmapped) * self.blocks_per_page
+
+    def num_empty_mapped_pages(self) -> int:
+        """Mapped pages with no live block: what trim() would give back."""
+        return len(self._pages_by_free[self.blocks_per_page])
 
     def is_allocated(self, block: int) -> bool:
         return 0 <= block < self.num_blocks and bool(self._allocated[block])
@@ -90,6 +97,10 @@ class BlockAllocator:
         """``count`` distinct block ids, or None (a miss) with nothing changed."""
         if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
             raise ValueError(f"block count must be a positive integer, got {count!r}")
+        with self._lock:
+            return self._alloc(count)
+
+    def _alloc(self, count: int) -> list[int] | None:
         shortfall = count - self._free_mapped
         if shortfall > 0:
             pages = -(-shortfall // self.blocks_per_page)
@@ -114,6 +125,10 @@ class BlockAllocator:
         """Return blocks. Pages left with no live block are unmapped (beyond the
         ``keep_free_pages`` spares)."""
         blocks = list(blocks)
+        with self._lock:
+            self._free(blocks)
+
+    def _free(self, blocks: list[int]) -> None:
         self._check_freeable(blocks)
         for block in blocks:
             page = block // self.blocks_per_page
@@ -128,9 +143,11 @@ class BlockAllocator:
         self._used -= len(blocks)
         self._release_empty_pages(self.keep_free_pages)
 
-    def trim(self) -> int:
-        """Unmap every fully free page now; returns how many were unmapped."""
-        return self._release_empty_pages(0)
+    def trim(self, pages: int | None = None) -> int:
+        """Unmap fully free pages now (all of them, or up to ``pages``); returns how many."""
+        with self._lock:
+            empty = len(self._pages_by_free[self.blocks_per_page])
+            return self._release_empty_pages(empty - min(empty, pages) if pages is not None else 0)
 
     # -- internals ---------------------------------------------------------------------
 

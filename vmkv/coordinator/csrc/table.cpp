@@ -1,0 +1,492 @@
+#include "table.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <time.h>
+
+#include <algorithm>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+namespace vmkv::coord {
+namespace {
+
+constexpr int kLockTimeoutSeconds = 5;
+
+void check_text(const std::string& value, size_t capacity, const char* what) {
+  if (value.empty() || value.size() >= capacity) {
+    throw std::invalid_argument(std::string(what) + " must be 1 to " + std::to_string(capacity - 1) +
+                                " bytes, got " + std::to_string(value.size()));
+  }
+}
+
+bool terminated(const char* text, size_t capacity) { return memchr(text, '\0', capacity) != nullptr; }
+
+void record(Histogram& histogram, uint64_t ns) {
+  int bucket = 0;
+  while (bucket < kBuckets - 1 && ns > kBucketBoundsNs[bucket]) ++bucket;
+  ++histogram.counts[bucket];
+  histogram.sum_ns += ns;
+}
+
+std::string slot_label(uint32_t index, const Slot& s) {
+  return "slot " + std::to_string(index) + " (pid " + std::to_string(s.pid) + ")";
+}
+
+}  // namespace
+
+uint64_t monotonic_ns() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1000000000ULL + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+uint64_t process_start_time(int32_t pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(stat, line)) return 0;
+  // The command name may contain spaces and parentheses: fields resume after the last ')'.
+  size_t close = line.rfind(')');
+  if (close == std::string::npos) return 0;
+  std::istringstream fields(line.substr(close + 2));
+  std::string field;
+  for (int index = 3; fields >> field; ++index) {
+    if (index == 22) return std::stoull(field);
+  }
+  return 0;
+}
+
+bool process_alive(int32_t pid, uint64_t start_time) {
+  if (pid <= 0) return false;
+  if (kill(pid, 0) != 0 && errno == ESRCH) return false;
+  return process_start_time(pid) == start_time;
+}
+
+// Takes the robust lock with a deadline. When the previous owner died holding it, the
+// table is repaired before anyone reads it: every update is a few 8-byte stores and every
+// aggregate is recomputed from the slots, so repair = validate + sweep the dead.
+class Table::Guard {
+ public:
+  explicit Guard(Table& table) : table_(table) {
+    timespec deadline{};
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += kLockTimeoutSeconds;
+    int rc = pthread_mutex_timedlock(&table_.segment_->header.lock, &deadline);
+    if (rc == EOWNERDEAD) {
+      table_.repair_after_owner_death();
+      pthread_mutex_consistent(&table_.segment_->header.lock);
+    } else if (rc == ETIMEDOUT) {
+      throw std::runtime_error("the coordinator lock was held for more than " + std::to_string(kLockTimeoutSeconds) +
+                               " s; if no vmkv process is stuck, run `vmkv reset`");
+    } else if (rc != 0) {
+      throw SegmentError("the coordinator lock is unusable (" + std::string(strerror(rc)) + "); run `vmkv reset`");
+    }
+    try {
+      table_.validate_header();
+      table_.validate_slots();
+    } catch (...) {
+      pthread_mutex_unlock(&table_.segment_->header.lock);
+      throw;
+    }
+  }
+  ~Guard() { pthread_mutex_unlock(&table_.segment_->header.lock); }
+
+ private:
+  Table& table_;
+};
+
+Table::Table(uintptr_t address, size_t size) : segment_(reinterpret_cast<Segment*>(address)) {
+  if (address == 0 || size < sizeof(Segment)) {
+    throw SegmentError("coordinator segment is " + std::to_string(size) + " bytes, expected " +
+                       std::to_string(sizeof(Segment)));
+  }
+}
+
+bool Table::initialized() const { return __atomic_load_n(&segment_->header.initialized, __ATOMIC_ACQUIRE) == 1; }
+
+void Table::initialize(uint64_t page_size, uint64_t budget_pages) {
+  if (page_size == 0 || budget_pages == 0) throw std::invalid_argument("page size and budget must be positive");
+  memset(segment_, 0, sizeof(Segment));
+  Header& h = segment_->header;
+  h.magic = kMagic;
+  h.version = kVersion;
+  h.header_bytes = sizeof(Header);
+  h.slot_bytes = sizeof(Slot);
+  h.max_slots = kMaxSlots;
+  h.page_size = page_size;
+  h.budget_pages = budget_pages;
+  h.next_generation = 1;
+  pthread_mutexattr_t attr;
+  pthread_mutexattr_init(&attr);
+  pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+  pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+  pthread_mutex_init(&h.lock, &attr);
+  pthread_mutexattr_destroy(&attr);
+  __atomic_store_n(&h.initialized, 1u, __ATOMIC_RELEASE);
+}
+
+uint64_t Table::page_size() const {
+  validate_header();
+  return segment_->header.page_size;
+}
+
+void Table::validate_header() const {
+  const Header& h = segment_->header;
+  if (h.initialized != 1) throw SegmentError("coordinator segment is not initialized");
+  if (h.magic != kMagic) throw SegmentError("coordinator segment has a bad magic number: not a vmkv segment");
+  if (h.version != kVersion) {
+    throw SegmentError("coordinator segment has layout version " + std::to_string(h.version) +
+                       "; this vmkv speaks version " + std::to_string(kVersion) +
+                       ". Stop the instances that use it, then run `vmkv reset`");
+  }
+  if (h.header_bytes != sizeof(Header) || h.slot_bytes != sizeof(Slot) || h.max_slots != kMaxSlots) {
+    throw SegmentError("coordinator segment has a foreign layout (header/slot sizes differ)");
+  }
+  if (h.page_size == 0 || h.budget_pages == 0) throw SegmentError("coordinator segment has a zero page size or budget");
+}
+
+void Table::validate_slots() const {
+  const Header& h = segment_->header;
+  uint64_t total = 0;
+  for (uint32_t i = 0; i < kMaxSlots; ++i) {
+    const Slot& s = segment_->slots[i];
+    if (s.state == kFree) continue;
+    std::string where = "coordinator segment is corrupted: " + slot_label(i, s);
+    if (s.state != kActive) throw SegmentError(where + " has state " + std::to_string(s.state));
+    if (s.pid <= 0) throw SegmentError(where + " has no valid pid");
+    if (!terminated(s.name, kNameBytes) || !terminated(s.engine, kEngineBytes) || !terminated(s.model, kModelBytes)) {
+      throw SegmentError(where + " has an unterminated name");
+    }
+    if (s.weight == 0 || s.weight > kMaxWeight) {
+      throw SegmentError(where + " has weight " + std::to_string(s.weight));
+    }
+    if (s.min_pages > s.max_pages) throw SegmentError(where + " has min > max");
+    if (s.leased > h.budget_pages) throw SegmentError(where + " leases more pages than the budget");
+    if (s.generation == 0 || s.generation >= h.next_generation) throw SegmentError(where + " has a bad generation");
+    total += s.leased;
+  }
+  if (total > h.budget_pages) throw SegmentError("coordinator segment is corrupted: leases exceed the budget");
+}
+
+void Table::repair_after_owner_death() {
+  ++segment_->header.lock_recoveries;
+  sweep_locked();
+  for (Slot& s : segment_->slots) {
+    if (s.state == kActive) s.reclaim_request = std::min(s.reclaim_request, s.leased);
+  }
+}
+
+Slot& Table::owned(uint32_t slot, uint64_t generation) {
+  if (slot >= kMaxSlots) throw std::invalid_argument("slot " + std::to_string(slot) + " out of range");
+  Slot& s = segment_->slots[slot];
+  if (s.state != kActive || s.generation != generation) {
+    throw std::runtime_error("this instance's registration (slot " + std::to_string(slot) +
+                             ") is gone: it was reclaimed as dead or reset");
+  }
+  return s;
+}
+
+uint64_t Table::leased_total() const {
+  uint64_t total = 0;
+  for (const Slot& s : segment_->slots) {
+    if (s.state == kActive) total += s.leased;
+  }
+  return total;
+}
+
+// Weighted shares of the budget, water-filled so that what an instance cannot use above
+// its max goes to the others, then raised to each instance's guaranteed min.
+std::vector<uint64_t> Table::fair_shares() const {
+  std::vector<uint64_t> fair(kMaxSlots, 0);
+  std::vector<uint32_t> open;
+  for (uint32_t i = 0; i < kMaxSlots; ++i) {
+    if (segment_->slots[i].state == kActive) open.push_back(i);
+  }
+  double remaining = static_cast<double>(segment_->header.budget_pages);
+  while (!open.empty()) {
+    double weights = 0;
+    for (uint32_t i : open) weights += segment_->slots[i].weight;
+    std::vector<uint32_t> next;
+    for (uint32_t i : open) {
+      const Slot& s = segment_->slots[i];
+      double share = remaining * s.weight / weights;
+      if (share >= static_cast<double>(s.max_pages)) {
+        fair[i] = s.max_pages;
+      } else {
+        next.push_back(i);
+      }
+    }
+    if (next.size() == open.size()) {
+      for (uint32_t i : open) fair[i] = static_cast<uint64_t>(remaining * segment_->slots[i].weight / weights);
+      break;
+    }
+    for (uint32_t i : open) {
+      if (std::find(next.begin(), next.end(), i) == next.end()) remaining -= static_cast<double>(fair[i]);
+    }
+    open.swap(next);
+  }
+  for (uint32_t i = 0; i < kMaxSlots; ++i) {
+    const Slot& s = segment_->slots[i];
+    if (s.state == kActive) fair[i] = std::max(fair[i], s.min_pages);
+  }
+  return fair;
+}
+
+std::vector<uint32_t> Table::sweep_locked() {
+  std::vector<uint32_t> reclaimed;
+  for (uint32_t i = 0; i < kMaxSlots; ++i) {
+    Slot& s = segment_->slots[i];
+    if (s.state == kActive && !process_alive(s.pid, s.start_time)) {
+      s.state = kFree;  // its lease leaves the sum with it
+      reclaimed.push_back(i);
+    }
+  }
+  return reclaimed;
+}
+
+std::pair<uint32_t, uint64_t> Table::register_instance(const std::string& name, const std::string& engine,
+                                                       const std::string& model, uint64_t min_pages,
+                                                       uint64_t max_pages, uint32_t weight, int32_t pid) {
+  check_text(name, kNameBytes, "name");
+  check_text(engine, kEngineBytes, "engine");
+  check_text(model, kModelBytes, "model");
+  if (weight == 0 || weight > kMaxWeight) {
+    throw std::invalid_argument("weight must be 1 to " + std::to_string(kMaxWeight) + ", got " +
+                                std::to_string(weight));
+  }
+  if (min_pages > max_pages) throw std::invalid_argument("min must not exceed max");
+  uint64_t start_time = process_start_time(pid);
+  if (start_time == 0) throw std::invalid_argument("pid " + std::to_string(pid) + " is not a running process");
+  Guard guard(*this);
+  sweep_locked();
+  uint64_t mins = min_pages;
+  int free_slot = -1;
+  for (uint32_t i = 0; i < kMaxSlots; ++i) {
+    const Slot& s = segment_->slots[i];
+    if (s.state == kActive) {
+      if (strncmp(s.name, name.c_str(), kNameBytes) == 0) {
+        throw std::invalid_argument("an instance named '" + name + "' is already registered (pid " +
+                                    std::to_string(s.pid) + ")");
+      }
+      mins += s.min_pages;
+    } else if (free_slot < 0) {
+      free_slot = static_cast<int>(i);
+    }
+  }
+  if (free_slot < 0) throw std::runtime_error("all " + std::to_string(kMaxSlots) + " coordinator slots are in use");
+  if (mins > segment_->header.budget_pages) {
+    throw std::invalid_argument("the guaranteed minimums would exceed the budget of " +
+                                std::to_string(segment_->header.budget_pages) + " pages");
+  }
+  Slot& s = segment_->slots[free_slot];
+  memset(&s, 0, sizeof(Slot));
+  s.pid = pid;
+  s.start_time = start_time;
+  s.generation = segment_->header.next_generation++;
+  memcpy(s.name, name.c_str(), name.size());
+  memcpy(s.engine, engine.c_str(), engine.size());
+  memcpy(s.model, model.c_str(), model.size());
+  s.min_pages = min_pages;
+  s.max_pages = max_pages;
+  s.weight = weight;
+  s.heartbeat_ns = monotonic_ns();
+  __atomic_store_n(&s.state, static_cast<uint32_t>(kActive), __ATOMIC_RELEASE);  // last: a crash before it leaves the slot free
+  return {static_cast<uint32_t>(free_slot), s.generation};
+}
+
+void Table::deregister(uint32_t slot, uint64_t generation) {
+  Guard guard(*this);
+  owned(slot, generation).state = kFree;
+}
+
+void Table::grant_locked(Slot& s, uint64_t pages, uint64_t waited_ns, uint64_t started_ns) {
+  s.leased += pages;
+  ++s.grants;
+  record(s.grant_latency, waited_ns + (monotonic_ns() - started_ns));
+}
+
+RequestResult Table::request(uint32_t slot, uint64_t generation, uint64_t pages, uint64_t waited_ns) {
+  uint64_t started = monotonic_ns();
+  if (pages == 0) throw std::invalid_argument("a lease request needs at least one page");
+  Guard guard(*this);
+  Slot& s = owned(slot, generation);
+  const uint64_t budget = segment_->header.budget_pages;
+  if (s.leased + pages > s.max_pages) {
+    ++s.misses;
+    return {Outcome::kMissMax, {}};
+  }
+  uint64_t used = leased_total();
+  if (budget - used < pages) {
+    sweep_locked();
+    used = leased_total();
+  }
+  if (budget - used >= pages) {
+    grant_locked(s, pages, waited_ns, started);
+    return {Outcome::kGranted, {}};
+  }
+  std::vector<uint64_t> fair = fair_shares();
+  if (s.leased + pages > fair[slot]) {
+    ++s.misses;
+    return {Outcome::kMissFair, {}};
+  }
+  // Below its fair share: ask those above theirs; below its min: also those above theirs.
+  uint64_t need = pages - (budget - used);
+  bool below_min = s.leased + pages <= s.min_pages;
+  std::vector<uint32_t> victims;
+  for (int tier = 0; tier < 2 && need > 0; ++tier) {
+    if (tier == 1 && !below_min) break;
+    std::vector<std::pair<uint64_t, uint32_t>> excess;
+    for (uint32_t i = 0; i < kMaxSlots; ++i) {
+      Slot& v = segment_->slots[i];
+      if (i == slot || v.state != kActive) continue;
+      uint64_t keep = tier == 0 ? fair[i] : v.min_pages;
+      uint64_t committed = keep + v.reclaim_request;
+      if (v.leased > committed) excess.emplace_back(v.leased - committed, i);
+    }
+    std::sort(excess.rbegin(), excess.rend());
+    for (const auto& [amount, i] : excess) {
+      if (need == 0) break;
+      uint64_t take = std::min(amount, need);
+      Slot& v = segment_->slots[i];
+      if (v.reclaim_request == 0) v.reclaim_since_ns = monotonic_ns();
+      v.reclaim_request += take;
+      need -= take;
+      if (std::find(victims.begin(), victims.end(), i) == victims.end()) victims.push_back(i);
+    }
+  }
+  if (victims.empty()) {
+    ++s.misses;
+    return {Outcome::kMissNoVictim, {}};
+  }
+  return {Outcome::kReclaiming, victims};
+}
+
+bool Table::try_grant(uint32_t slot, uint64_t generation, uint64_t pages, uint64_t waited_ns) {
+  uint64_t started = monotonic_ns();
+  Guard guard(*this);
+  Slot& s = owned(slot, generation);
+  if (s.leased + pages > s.max_pages || segment_->header.budget_pages - leased_total() < pages) return false;
+  grant_locked(s, pages, waited_ns, started);
+  return true;
+}
+
+void Table::note_miss(uint32_t slot, uint64_t generation, uint64_t waited_ns) {
+  Guard guard(*this);
+  Slot& s = owned(slot, generation);
+  ++s.misses;
+  record(s.grant_latency, waited_ns);
+}
+
+void Table::release(uint32_t slot, uint64_t generation, uint64_t pages) {
+  Guard guard(*this);
+  Slot& s = owned(slot, generation);
+  if (pages > s.leased) {
+    throw std::invalid_argument("cannot release " + std::to_string(pages) + " pages: only " +
+                                std::to_string(s.leased) + " are leased");
+  }
+  s.leased -= pages;
+}
+
+void Table::report(uint32_t slot, uint64_t generation, uint64_t held, uint64_t mapped, uint64_t reclaimable) {
+  Guard guard(*this);
+  Slot& s = owned(slot, generation);
+  s.held = held;
+  s.mapped = mapped;
+  s.reclaimable = reclaimable;
+}
+
+uint64_t Table::heartbeat(uint32_t slot, uint64_t generation) {
+  Guard guard(*this);
+  sweep_locked();
+  Slot& s = owned(slot, generation);
+  s.heartbeat_ns = monotonic_ns();
+  // A lowered max is a standing request to shrink, even when nobody else is asking.
+  uint64_t over_max = s.leased > s.max_pages ? s.leased - s.max_pages : 0;
+  if (over_max > s.reclaim_request) {
+    if (s.reclaim_request == 0) s.reclaim_since_ns = monotonic_ns();
+    s.reclaim_request = over_max;
+  }
+  return std::min(s.reclaim_request, s.leased);
+}
+
+void Table::finish_reclaim(uint32_t slot, uint64_t generation, uint64_t asked, uint64_t released) {
+  Guard guard(*this);
+  Slot& s = owned(slot, generation);
+  s.reclaim_request -= std::min(asked, s.reclaim_request);
+  if (released > 0) {
+    ++s.reclaims;
+    s.reclaimed_pages += released;
+    record(s.reclaim_latency, monotonic_ns() - s.reclaim_since_ns);
+  }
+  s.reclaim_since_ns = s.reclaim_request > 0 ? monotonic_ns() : 0;
+}
+
+int64_t Table::set_limits(const std::string& name, int64_t min_pages, int64_t max_pages, int64_t weight) {
+  Guard guard(*this);
+  for (uint32_t i = 0; i < kMaxSlots; ++i) {
+    Slot& s = segment_->slots[i];
+    if (s.state != kActive || strncmp(s.name, name.c_str(), kNameBytes) != 0) continue;
+    uint64_t new_min = min_pages >= 0 ? static_cast<uint64_t>(min_pages) : s.min_pages;
+    uint64_t new_max = max_pages >= 0 ? static_cast<uint64_t>(max_pages) : s.max_pages;
+    uint64_t new_weight = weight >= 0 ? static_cast<uint64_t>(weight) : s.weight;
+    if (new_min > new_max) throw std::invalid_argument("min must not exceed max");
+    if (new_weight == 0 || new_weight > kMaxWeight) {
+      throw std::invalid_argument("weight must be 1 to " + std::to_string(kMaxWeight));
+    }
+    uint64_t mins = new_min;
+    for (uint32_t j = 0; j < kMaxSlots; ++j) {
+      if (j != i && segment_->slots[j].state == kActive) mins += segment_->slots[j].min_pages;
+    }
+    if (mins > segment_->header.budget_pages) {
+      throw std::invalid_argument("the guaranteed minimums would exceed the budget");
+    }
+    s.min_pages = new_min;
+    s.max_pages = new_max;
+    s.weight = static_cast<uint32_t>(new_weight);
+    if (s.leased > new_max && s.reclaim_request < s.leased - new_max) {
+      if (s.reclaim_request == 0) s.reclaim_since_ns = monotonic_ns();
+      s.reclaim_request = s.leased - new_max;
+    }
+    return i;
+  }
+  throw std::invalid_argument("no live instance is named '" + name + "'");
+}
+
+void Table::set_budget(uint64_t budget_pages) {
+  if (budget_pages == 0) throw std::invalid_argument("the budget must be positive");
+  Guard guard(*this);
+  uint64_t mins = 0;
+  for (const Slot& s : segment_->slots) {
+    if (s.state == kActive) mins += s.min_pages;
+  }
+  if (budget_pages < std::max(mins, leased_total())) {
+    throw std::invalid_argument("the budget cannot go below what is leased or guaranteed now");
+  }
+  segment_->header.budget_pages = budget_pages;
+}
+
+std::vector<uint32_t> Table::sweep() {
+  Guard guard(*this);
+  return sweep_locked();
+}
+
+std::vector<SlotView> Table::snapshot() {
+  Guard guard(*this);
+  std::vector<uint64_t> fair = fair_shares();
+  std::vector<SlotView> out;
+  for (uint32_t i = 0; i < kMaxSlots; ++i) {
+    const Slot& s = segment_->slots[i];
+    if (s.state == kActive) out.push_back({i, s, fair[i], process_alive(s.pid, s.start_time)});
+  }
+  return out;
+}
+
+Header Table::header_copy() {
+  Guard guard(*this);
+  return segment_->header;
+}
+
+void Table::lock_unlock() { Guard guard(*this); }
+
+}  // namespace vmkv::coord
