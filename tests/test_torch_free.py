@@ -11,10 +11,14 @@ import vmkv.vmm_ops._C as core
 
 
 def test_extension_links_neither_torch_nor_a_driver():
-    needed = subprocess.run(["readelf", "-d", core.__file__], capture_output=True, text=True, check=True).stdout
+    needed = subprocess.run(
+        ["readelf", "-d", core.__file__], capture_output=True, text=True, check=True
+    ).stdout
     libraries = [line.split("[")[1].rstrip("]") for line in needed.splitlines() if "(NEEDED)" in line]
     assert libraries, needed
-    assert not [lib for lib in libraries if "torch" in lib or "c10" in lib or "cuda" in lib or "ascend" in lib]
+    assert not [
+        lib for lib in libraries if "torch" in lib or "c10" in lib or "cuda" in lib or "ascend" in lib
+    ]
 
 
 def test_core_and_allocator_import_without_torch():

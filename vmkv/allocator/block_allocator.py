@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -43,10 +44,12 @@ class BlockAllocator:
     """Hands out block ids, mapping KV pages as needed and unmapping empty ones.
 
     ``keep_free_pages`` fully free pages stay mapped to absorb alloc/free churn (the
-    engine layers use a few; the default 0 returns every empty page at once).
+    engine layers use a few; the default 0 returns every empty page at once). The page
+    of the null block is mapped at construction; on a full node that may take a reclaim
+    from the other instances, so it is retried for up to ``startup_wait_s``.
     """
 
-    def __init__(self, space: KVSpace, keep_free_pages: int = 0) -> None:
+    def __init__(self, space: KVSpace, keep_free_pages: int = 0, startup_wait_s: float = 10.0) -> None:
         if keep_free_pages < 0:
             raise ValueError(f"keep_free_pages must be >= 0, got {keep_free_pages}")
         self.space = space
@@ -64,8 +67,14 @@ class BlockAllocator:
         self._free_mapped = 0
         self._used = 0
         self._misses = 0
-        if not self._map_new_pages(1):
-            raise RuntimeError("cannot map the page holding the null block: no physical memory")
+        deadline = time.monotonic() + startup_wait_s
+        while not self._map_new_pages(1):
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"no physical memory for the null block's page after {startup_wait_s} s: "
+                    "the device (or this instance's lease) is full"
+                )
+            time.sleep(0.005)
         self._take(NULL_BLOCK)
 
     # -- queries ---------------------------------------------------------------------

@@ -23,6 +23,7 @@ class PoolStats:
     pooled: int
     created: int
     misses: int
+    debt: int  # pages promised back to the coordinator, paid as pages return to the pool
 
     @property
     def held(self) -> int:
@@ -36,7 +37,7 @@ class Lease(Protocol):
 
     def acquire(self, pages: int) -> bool: ...
 
-    def release(self, pages: int) -> None: ...
+    def release(self, pages: int, held: int, mapped: int) -> None: ...
 
     def report(self, held: int, mapped: int) -> None: ...
 
@@ -61,6 +62,7 @@ class PagePool:
         self._in_use: set[int] = set()
         self._created = 0
         self._misses = 0
+        self._debt = 0
 
     @property
     def page_size(self) -> int:
@@ -78,7 +80,7 @@ class PagePool:
             pages = self._pooled[-count:]
             del self._pooled[-count:]
             self._in_use.update(pages)
-        self._report()
+            self._report()
         return pages
 
     def _grow(self, count: int) -> bool:
@@ -91,7 +93,7 @@ class PagePool:
             self._pooled.extend(self.vmm.create_pages(count))
         except OutOfDeviceMemory:
             if self.lease is not None:
-                self.lease.release(count)
+                self.lease.release(count, held, len(self._in_use))
             return False
         self._created += count
         return True
@@ -107,31 +109,52 @@ class PagePool:
                 raise ValueError(f"page {min(stray)} was not acquired from this pool")
             self._in_use -= unique
             self._pooled.extend(pages)
-        self._report()
+            self._pay_debt()
+            self._report()
 
     def trim(self, keep: int = 0) -> int:
         """Give pooled pages beyond ``keep`` back to the device; returns how many."""
         if keep < 0:
             raise ValueError(f"keep must be >= 0, got {keep}")
         with self._lock:
-            excess = len(self._pooled) - keep
-            if excess <= 0:
-                return 0
-            victims = self._pooled[-excess:]
-            self.vmm.release_pages(victims)
-            del self._pooled[-excess:]
-            if self.lease is not None:
-                self.lease.release(excess)
-        self._report()
-        return excess
+            released = self._give_back(len(self._pooled) - keep)
+            self._report()
+        return released
+
+    def owe(self, pages: int) -> int:
+        """Promise ``pages`` back: pooled pages go at once, the rest as soon as they return
+        to the pool (instead of being reused). Returns how many went at once."""
+        if pages < 0:
+            raise ValueError(f"pages must be >= 0, got {pages}")
+        with self._lock:
+            self._debt += pages
+            paid = self._pay_debt()
+            self._report()
+        return paid
+
+    def _pay_debt(self) -> int:
+        paid = self._give_back(min(self._debt, len(self._pooled)))
+        self._debt -= paid
+        return paid
+
+    def _give_back(self, count: int) -> int:
+        if count <= 0:
+            return 0
+        victims = self._pooled[-count:]
+        self.vmm.release_pages(victims)
+        del self._pooled[-count:]
+        if self.lease is not None:
+            self.lease.release(count, len(self._pooled) + len(self._in_use), len(self._in_use))
+        return count
 
     def _report(self) -> None:
+        """Tell the lease what is held. Called under the pool lock, so reports and lease
+        releases reach the coordinator in the order they happened."""
         if self.lease is not None:
-            stats = self.stats()
-            self.lease.report(stats.held, stats.in_use)
+            self.lease.report(len(self._pooled) + len(self._in_use), len(self._in_use))
 
     def stats(self) -> PoolStats:
         with self._lock:
             return PoolStats(
-                self.page_size, len(self._in_use), len(self._pooled), self._created, self._misses
+                self.page_size, len(self._in_use), len(self._pooled), self._created, self._misses, self._debt
             )

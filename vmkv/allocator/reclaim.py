@@ -2,7 +2,8 @@
 
 1. pooled pages: already unmapped, released at once;
 2. empty mapped KV pages: unmapped (one batched call) into the pool, then released;
-3. cold cached blocks: through the spill tier, once the engine layer provides one.
+3. what is still owed: paid by the pool as the engine frees blocks;
+4. cold cached blocks: through the spill tier, once the engine layer provides one.
 """
 
 from __future__ import annotations
@@ -26,15 +27,14 @@ class Reclaimer:
         return self.pool.stats().pooled + empty
 
     def reclaim(self, pages: int) -> int:
-        released = self._trim_pool(pages)
+        """Release up to ``pages`` now; what cannot go now is owed by the pool and paid as
+        soon as blocks are freed, so the instance does not reuse pages others wait for.
+        Returns how many pages went back during this call."""
+        owed_before = self.pool.stats().debt
+        self.pool.owe(pages)
         for allocator in self.allocators:
-            if released >= pages:
+            debt = self.pool.stats().debt
+            if debt == 0:
                 break
-            per_page = allocator.space.physical_per_page
-            allocator.trim(-(-(pages - released) // per_page))
-            released += self._trim_pool(pages - released)
-        return released
-
-    def _trim_pool(self, pages: int) -> int:
-        pooled = self.pool.stats().pooled
-        return self.pool.trim(keep=max(pooled - pages, 0))
+            allocator.trim(-(-debt // allocator.space.physical_per_page))  # unmapped pages pay it
+        return owed_before + pages - self.pool.stats().debt

@@ -111,12 +111,12 @@ class Instance:
         self.table.note_miss(self.slot, self.generation, now - started)
         return False
 
-    def release(self, pages: int) -> None:
-        self.table.release(self.slot, self.generation, pages)
+    def release(self, pages: int, held: int, mapped: int) -> None:
+        """Give back ``pages`` of lease; ``held``/``mapped`` are what the pool keeps."""
+        self.table.release(self.slot, self.generation, pages, held, mapped)
 
     def report(self, held: int, mapped: int) -> None:
-        reclaimable = self.reclaimer.reclaimable() if self.reclaimer is not None else held - mapped
-        self.table.report(self.slot, self.generation, held, mapped, reclaimable)
+        self.table.report(self.slot, self.generation, held, mapped)
 
     # -- the holder's side -------------------------------------------------------------
 
@@ -127,7 +127,8 @@ class Instance:
             if self._stop.is_set():
                 return
             try:
-                asked = self.table.heartbeat(self.slot, self.generation)
+                reclaimable = self.reclaimer.reclaimable() if self.reclaimer is not None else 0
+                asked = self.table.heartbeat(self.slot, self.generation, reclaimable)
                 if asked:
                     released = self.reclaimer.reclaim(asked) if self.reclaimer is not None else 0
                     self.table.finish_reclaim(self.slot, self.generation, asked, released)

@@ -42,6 +42,7 @@ py::dict view_dict(const SlotView& v) {
   d["mapped"] = s.mapped;
   d["reclaimable"] = s.reclaimable;
   d["reclaim_request"] = s.reclaim_request;
+  d["awaiting"] = s.awaiting;
   d["heartbeat_age_s"] = static_cast<double>(monotonic_ns() - s.heartbeat_ns) / 1e9;
   d["grants"] = s.grants;
   d["misses"] = s.misses;
@@ -105,10 +106,12 @@ PYBIND11_MODULE(_table, m) {
            py::arg("waited_ns"), release_gil())
       .def("note_miss", &Table::note_miss, py::arg("slot"), py::arg("generation"), py::arg("waited_ns"),
            release_gil())
-      .def("release", &Table::release, py::arg("slot"), py::arg("generation"), py::arg("pages"), release_gil())
+      .def("release", &Table::release, py::arg("slot"), py::arg("generation"), py::arg("pages"), py::arg("held"),
+           py::arg("mapped"), release_gil())
       .def("report", &Table::report, py::arg("slot"), py::arg("generation"), py::arg("held"), py::arg("mapped"),
-           py::arg("reclaimable"), release_gil())
-      .def("heartbeat", &Table::heartbeat, py::arg("slot"), py::arg("generation"), release_gil())
+           release_gil())
+      .def("heartbeat", &Table::heartbeat, py::arg("slot"), py::arg("generation"), py::arg("reclaimable"),
+           release_gil(), "Heartbeat, sweep the dead; returns the pages this instance is asked to give back.")
       .def("finish_reclaim", &Table::finish_reclaim, py::arg("slot"), py::arg("generation"), py::arg("asked"),
            py::arg("released"), release_gil())
       .def("set_limits", &Table::set_limits, py::arg("name"), py::arg("min_pages") = -1,
@@ -142,5 +145,6 @@ PYBIND11_MODULE(_table, m) {
              d["max_slots"] = h.max_slots;
              return d;
            })
-      .def("lock_unlock", &Table::lock_unlock, release_gil());
+      .def("lock_unlock", &Table::lock_unlock, release_gil())
+      .def("lock_cycles", &Table::lock_cycles, py::arg("count"), release_gil());
 }

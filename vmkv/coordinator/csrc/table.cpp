@@ -42,25 +42,45 @@ uint64_t monotonic_ns() {
   return static_cast<uint64_t>(ts.tv_sec) * 1000000000ULL + static_cast<uint64_t>(ts.tv_nsec);
 }
 
-uint64_t process_start_time(int32_t pid) {
+namespace {
+
+// Field 3 (state) and field 22 (start time) of /proc/<pid>/stat; false when unreadable.
+bool read_stat(int32_t pid, char* state, uint64_t* start_time) {
   std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
   std::string line;
-  if (!std::getline(stat, line)) return 0;
+  if (!std::getline(stat, line)) return false;
   // The command name may contain spaces and parentheses: fields resume after the last ')'.
   size_t close = line.rfind(')');
-  if (close == std::string::npos) return 0;
+  if (close == std::string::npos || close + 2 >= line.size()) return false;
   std::istringstream fields(line.substr(close + 2));
   std::string field;
   for (int index = 3; fields >> field; ++index) {
-    if (index == 22) return std::stoull(field);
+    if (index == 3) *state = field[0];
+    if (index == 22) {
+      *start_time = std::stoull(field);
+      return true;
+    }
   }
-  return 0;
+  return false;
 }
 
+}  // namespace
+
+uint64_t process_start_time(int32_t pid) {
+  char state = 0;
+  uint64_t start_time = 0;
+  return read_stat(pid, &state, &start_time) ? start_time : 0;
+}
+
+// Alive means: the same process (pid and start time) and not a zombie. A zombie's parent
+// may never reap it, and it will never give its lease back.
 bool process_alive(int32_t pid, uint64_t start_time) {
   if (pid <= 0) return false;
   if (kill(pid, 0) != 0 && errno == ESRCH) return false;
-  return process_start_time(pid) == start_time;
+  char state = 0;
+  uint64_t started = 0;
+  if (!read_stat(pid, &state, &started)) return false;
+  return started == start_time && state != 'Z' && state != 'X';
 }
 
 // Takes the robust lock with a deadline. When the previous owner died holding it, the
@@ -162,7 +182,9 @@ void Table::validate_slots() const {
       throw SegmentError(where + " has weight " + std::to_string(s.weight));
     }
     if (s.min_pages > s.max_pages) throw SegmentError(where + " has min > max");
-    if (s.leased > h.budget_pages) throw SegmentError(where + " leases more pages than the budget");
+    if (s.leased > h.budget_pages || s.awaiting > h.budget_pages) {
+      throw SegmentError(where + " leases or awaits more pages than the budget");
+    }
     if (s.generation == 0 || s.generation >= h.next_generation) throw SegmentError(where + " has a bad generation");
     total += s.leased;
   }
@@ -185,6 +207,16 @@ Slot& Table::owned(uint32_t slot, uint64_t generation) {
                              ") is gone: it was reclaimed as dead or reset");
   }
   return s;
+}
+
+uint64_t Table::available_to(uint32_t slot) const {
+  uint64_t taken = 0;
+  for (uint32_t i = 0; i < kMaxSlots; ++i) {
+    const Slot& s = segment_->slots[i];
+    if (s.state == kActive) taken += s.leased + (i == slot ? 0 : s.awaiting);
+  }
+  uint64_t budget = segment_->header.budget_pages;
+  return budget > taken ? budget - taken : 0;
 }
 
 uint64_t Table::leased_total() const {
@@ -302,6 +334,7 @@ void Table::deregister(uint32_t slot, uint64_t generation) {
 
 void Table::grant_locked(Slot& s, uint64_t pages, uint64_t waited_ns, uint64_t started_ns) {
   s.leased += pages;
+  s.awaiting = 0;
   ++s.grants;
   record(s.grant_latency, waited_ns + (monotonic_ns() - started_ns));
 }
@@ -311,27 +344,24 @@ RequestResult Table::request(uint32_t slot, uint64_t generation, uint64_t pages,
   if (pages == 0) throw std::invalid_argument("a lease request needs at least one page");
   Guard guard(*this);
   Slot& s = owned(slot, generation);
-  const uint64_t budget = segment_->header.budget_pages;
   if (s.leased + pages > s.max_pages) {
     ++s.misses;
     return {Outcome::kMissMax, {}};
   }
-  uint64_t used = leased_total();
-  if (budget - used < pages) {
-    sweep_locked();
-    used = leased_total();
-  }
-  if (budget - used >= pages) {
+  if (available_to(slot) < pages) sweep_locked();
+  uint64_t available = available_to(slot);
+  if (available >= pages) {
     grant_locked(s, pages, waited_ns, started);
     return {Outcome::kGranted, {}};
   }
   std::vector<uint64_t> fair = fair_shares();
   if (s.leased + pages > fair[slot]) {
     ++s.misses;
+    s.awaiting = 0;
     return {Outcome::kMissFair, {}};
   }
   // Below its fair share: ask those above theirs; below its min: also those above theirs.
-  uint64_t need = pages - (budget - used);
+  uint64_t need = pages - available;
   bool below_min = s.leased + pages <= s.min_pages;
   std::vector<uint32_t> victims;
   for (int tier = 0; tier < 2 && need > 0; ++tier) {
@@ -355,10 +385,11 @@ RequestResult Table::request(uint32_t slot, uint64_t generation, uint64_t pages,
       if (std::find(victims.begin(), victims.end(), i) == victims.end()) victims.push_back(i);
     }
   }
-  if (victims.empty()) {
+  if (victims.empty() && s.awaiting == 0) {
     ++s.misses;
     return {Outcome::kMissNoVictim, {}};
   }
+  s.awaiting = pages;  // what others free now goes to this request first
   return {Outcome::kReclaiming, victims};
 }
 
@@ -366,7 +397,7 @@ bool Table::try_grant(uint32_t slot, uint64_t generation, uint64_t pages, uint64
   uint64_t started = monotonic_ns();
   Guard guard(*this);
   Slot& s = owned(slot, generation);
-  if (s.leased + pages > s.max_pages || segment_->header.budget_pages - leased_total() < pages) return false;
+  if (s.leased + pages > s.max_pages || available_to(slot) < pages) return false;
   grant_locked(s, pages, waited_ns, started);
   return true;
 }
@@ -375,32 +406,43 @@ void Table::note_miss(uint32_t slot, uint64_t generation, uint64_t waited_ns) {
   Guard guard(*this);
   Slot& s = owned(slot, generation);
   ++s.misses;
+  s.awaiting = 0;
   record(s.grant_latency, waited_ns);
 }
 
-void Table::release(uint32_t slot, uint64_t generation, uint64_t pages) {
+void Table::release(uint32_t slot, uint64_t generation, uint64_t pages, uint64_t held, uint64_t mapped) {
   Guard guard(*this);
   Slot& s = owned(slot, generation);
   if (pages > s.leased) {
     throw std::invalid_argument("cannot release " + std::to_string(pages) + " pages: only " +
                                 std::to_string(s.leased) + " are leased");
   }
+  if (held > s.leased - pages || mapped > held) {
+    throw std::invalid_argument("holding " + std::to_string(held) + " pages (" + std::to_string(mapped) +
+                                " mapped) is not covered by the remaining lease");
+  }
   s.leased -= pages;
-}
-
-void Table::report(uint32_t slot, uint64_t generation, uint64_t held, uint64_t mapped, uint64_t reclaimable) {
-  Guard guard(*this);
-  Slot& s = owned(slot, generation);
   s.held = held;
   s.mapped = mapped;
-  s.reclaimable = reclaimable;
 }
 
-uint64_t Table::heartbeat(uint32_t slot, uint64_t generation) {
+void Table::report(uint32_t slot, uint64_t generation, uint64_t held, uint64_t mapped) {
+  Guard guard(*this);
+  Slot& s = owned(slot, generation);
+  if (held > s.leased || mapped > held) {
+    throw std::invalid_argument("holding " + std::to_string(held) + " pages (" + std::to_string(mapped) +
+                                " mapped) is not covered by a lease of " + std::to_string(s.leased));
+  }
+  s.held = held;
+  s.mapped = mapped;
+}
+
+uint64_t Table::heartbeat(uint32_t slot, uint64_t generation, uint64_t reclaimable) {
   Guard guard(*this);
   sweep_locked();
   Slot& s = owned(slot, generation);
   s.heartbeat_ns = monotonic_ns();
+  s.reclaimable = reclaimable;
   // A lowered max is a standing request to shrink, even when nobody else is asking.
   uint64_t over_max = s.leased > s.max_pages ? s.leased - s.max_pages : 0;
   if (over_max > s.reclaim_request) {
@@ -488,5 +530,9 @@ Header Table::header_copy() {
 }
 
 void Table::lock_unlock() { Guard guard(*this); }
+
+void Table::lock_cycles(uint64_t count) {
+  for (uint64_t i = 0; i < count; ++i) Guard guard(*this);
+}
 
 }  // namespace vmkv::coord

@@ -51,6 +51,7 @@ struct Slot {
   uint64_t mapped;       // of those, mapped into KV spaces
   uint64_t reclaimable;  // pages it could give back without touching live blocks
   uint64_t heartbeat_ns;
+  uint64_t awaiting;          // pages it waits for after asking others: reserved for it as they free
   uint64_t reclaim_request;   // pages others asked it to give back
   uint64_t reclaim_since_ns;  // when the oldest pending request was made
   uint64_t grants;
@@ -120,12 +121,14 @@ class Table {
   RequestResult request(uint32_t slot, uint64_t generation, uint64_t pages, uint64_t waited_ns);
   bool try_grant(uint32_t slot, uint64_t generation, uint64_t pages, uint64_t waited_ns);
   void note_miss(uint32_t slot, uint64_t generation, uint64_t waited_ns);
-  void release(uint32_t slot, uint64_t generation, uint64_t pages);
-  void report(uint32_t slot, uint64_t generation, uint64_t held, uint64_t mapped, uint64_t reclaimable);
+  // Releases lease and records the holdings that remain, in one step, so that the table
+  // never shows more pages held than leased.
+  void release(uint32_t slot, uint64_t generation, uint64_t pages, uint64_t held, uint64_t mapped);
+  void report(uint32_t slot, uint64_t generation, uint64_t held, uint64_t mapped);
 
   // The holder's side of reclaim: what is asked of it now (after a heartbeat), and the
   // acknowledgement once it has released pages.
-  uint64_t heartbeat(uint32_t slot, uint64_t generation);
+  uint64_t heartbeat(uint32_t slot, uint64_t generation, uint64_t reclaimable);
   void finish_reclaim(uint32_t slot, uint64_t generation, uint64_t asked, uint64_t released);
 
   // Administration. set_limits returns the slot to ring when the change needs action.
@@ -135,6 +138,7 @@ class Table {
   std::vector<SlotView> snapshot();
   Header header_copy();
   void lock_unlock();  // the floor for benchmarks: a bare acquire/release
+  void lock_cycles(uint64_t count);  // `count` bare acquire/release pairs, without Python in between
 
  private:
   class Guard;
@@ -143,6 +147,8 @@ class Table {
   void validate_slots() const;
   void repair_after_owner_death();
   uint64_t leased_total() const;
+  // Budget this slot may take now: free pages not reserved for another waiting requester.
+  uint64_t available_to(uint32_t slot) const;
   std::vector<uint64_t> fair_shares() const;
   std::vector<uint32_t> sweep_locked();
   void grant_locked(Slot& s, uint64_t pages, uint64_t waited_ns, uint64_t started_ns);

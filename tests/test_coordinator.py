@@ -1,0 +1,357 @@
+"""The coordinator with real processes, real shared memory and the host backend."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import random
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vmkv.coordinator import Segment, SegmentError, join, parse_size
+from vmkv.coordinator.segment import SHM_DIR, remove_segment
+from vmkv.coordinator.units import budget_bytes
+from vmkv.vmm_ops import open_vmm
+
+HERE = Path(__file__).parent
+WORKER = HERE / "coordinator_worker.py"
+PAGE = 1 << 20
+BUDGET_PAGES = 64
+
+
+@pytest.fixture
+def segment(request):
+    """A private segment per test: 64 pages of 1 MiB."""
+    name = f"/vmkv-{os.getuid()}-test{os.getpid()}x{abs(hash(request.node.name)) % 10**6}"
+    seg = Segment.open_or_create(name, PAGE, lambda: BUDGET_PAGES * PAGE)
+    yield seg
+    remove_segment(name)
+
+
+def spawn(segment: Segment, name: str, mode: str, *extra: str) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKER), segment.name, name, mode, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait()
+        raise AssertionError(f"worker {name} died at start: {proc.stderr.read()}")
+    assert json.loads(line)["ready"]
+    return proc
+
+
+def finish(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+
+
+def vmkv_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vmkv", *args], capture_output=True, text=True, timeout=60)
+
+
+def check_invariants(seg: Segment) -> list[dict]:
+    rows = seg.table.snapshot()
+    budget = seg.table.header()["budget_pages"]
+    assert sum(r["leased"] for r in rows) <= budget
+    for r in rows:
+        # Pages are leased before they are created and released after: a held page is
+        # always covered, so no page is counted twice and none goes uncounted.
+        assert r["held"] <= r["leased"], r
+        assert r["mapped"] <= r["held"], r
+    return rows
+
+
+# -- the segment -----------------------------------------------------------------------
+
+
+def test_segment_is_private_per_user_and_versioned(segment):
+    path = SHM_DIR / segment.name.lstrip("/")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert f"-{os.getuid()}-" in segment.name
+    header = segment.table.header()
+    assert (header["version"], header["page_size"], header["budget_pages"]) == (1, PAGE, BUDGET_PAGES)
+    vmm = open_vmm("host", page_size=2 * PAGE)
+    with pytest.raises(SegmentError, match="pages of 1048576 bytes"):
+        join(vmm, "mismatch", segment=segment.name)
+
+
+def _poke(segment: Segment, offset: int, data: bytes) -> None:
+    with open(SHM_DIR / segment.name.lstrip("/"), "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+        m[offset : offset + len(data)] = data
+
+
+@pytest.mark.parametrize(
+    ("offset", "data", "message"),
+    [
+        (0, b"NOTVMKV!", "bad magic"),
+        (8, (999).to_bytes(4, "little"), "layout version 999"),
+        (12, (7).to_bytes(4, "little"), "foreign layout"),
+    ],
+)
+def test_corrupted_or_foreign_header_is_a_clear_error(segment, offset, data, message):
+    _poke(segment, offset, data)
+    with pytest.raises(SegmentError, match=message):
+        Segment.attach(segment.name)
+    result = vmkv_cli("ls", "--segment", segment.name)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_corrupted_slot_is_a_clear_error(segment):
+    vmm = open_vmm("host", page_size=PAGE)
+    instance = join(vmm, "victim", segment=segment.name)
+    instance.close()
+    proc = spawn(segment, "w", "hold", "--seconds", "30")
+    try:
+        header_bytes = int.from_bytes((SHM_DIR / segment.name.lstrip("/")).read_bytes()[12:16], "little")
+        slot = segment.table.snapshot()[0]["slot"]
+        slot_bytes = int.from_bytes((SHM_DIR / segment.name.lstrip("/")).read_bytes()[16:20], "little")
+        weight_offset = header_bytes + slot * slot_bytes + 4 + 4 + 8 + 8 + 64 + 32 + 128 + 8 + 8
+        _poke(segment, weight_offset, (0).to_bytes(4, "little"))
+        with pytest.raises(SegmentError, match="weight 0"):
+            segment.table.snapshot()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_foreign_permissions_are_refused(segment):
+    path = SHM_DIR / segment.name.lstrip("/")
+    path.chmod(0o644)
+    with pytest.raises(SegmentError, match="mode 644"):
+        Segment.attach(segment.name)
+
+
+def test_sizes_and_budget_rule():
+    assert parse_size("512M") == 512 << 20
+    assert parse_size("4G") == 4 << 30
+    assert parse_size("1.5GiB") == 3 << 29
+    assert parse_size("10%", total=1000) == 100
+    for bad in ("", "ten", "-1G", "0", "5%"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+    assert budget_bytes("40G", 80 << 30, 10 << 30) == 40 << 30
+    assert budget_bytes("50%", 80 << 30, 10 << 30) == 40 << 30
+    assert budget_bytes(None, 80 << 30, 10 << 30) == 9 << 30
+
+
+# -- leases ----------------------------------------------------------------------------
+
+
+def test_grants_misses_and_max_in_one_process(segment):
+    vmm = open_vmm("host", page_size=PAGE)
+    a = join(vmm, "a", max_bytes=40 * PAGE, segment=segment.name)
+    b = join(vmm, "b", segment=segment.name)
+    assert a.acquire(40)
+    assert not a.acquire(1)  # its max
+    assert b.acquire(24)
+    assert not b.acquire(1)  # b is below its fair share (32), but a has nothing it can give back
+    rows = {r["name"]: r for r in check_invariants(segment)}
+    assert rows["a"]["leased"] == 40 and rows["b"]["leased"] == 24
+    assert rows["a"]["misses"] == 1 and rows["b"]["misses"] == 1
+    with pytest.raises(ValueError, match="only 40 are leased"):
+        a.release(41, 0, 0)
+    with pytest.raises(ValueError, match="not covered"):
+        a.release(10, 31, 0)
+    with pytest.raises(ValueError, match="already registered"):
+        join(vmm, "a", segment=segment.name)
+    a.close()
+    b.close()
+    assert segment.table.snapshot() == []
+
+
+@pytest.mark.parametrize("processes", [2, 4, 8, 16])
+def test_processes_hammer_and_invariants_hold(segment, processes):
+    procs = [spawn(segment, f"w{i}", "churn", "--seconds", "3") for i in range(processes)]
+    samples = 0
+    while any(p.poll() is None for p in procs):
+        check_invariants(segment)
+        samples += 1
+        time.sleep(0.005)
+    results = [finish(p) for p in procs]
+    assert samples > 50
+    assert all(r["granted"] > 0 for r in results), results
+    assert segment.table.snapshot() == []  # every lease returned on exit
+
+
+def _leased_by_name(segment: Segment) -> dict[str, int]:
+    return {r["name"]: r["leased"] for r in segment.table.snapshot()}
+
+
+def test_weights_are_respected_under_contention(segment):
+    """Weights 1 : 3 over a 64-page budget: fair shares 16 and 48. Tolerance: the heavy
+    instance's mean share of the leased pages over the second half is 0.75 +- 0.10."""
+    light = spawn(segment, "light", "churn", "--weight", "1", "--seconds", "6")
+    heavy = spawn(segment, "heavy", "churn", "--weight", "3", "--seconds", "6")
+    time.sleep(3)
+    shares = []
+    for _ in range(100):
+        leased = _leased_by_name(segment)
+        if len(leased) == 2 and sum(leased.values()):
+            shares.append(leased["heavy"] / sum(leased.values()))
+        check_invariants(segment)
+        time.sleep(0.02)
+    finish(light), finish(heavy)
+    mean = sum(shares) / len(shares)
+    assert 0.65 <= mean <= 0.85, mean
+
+
+def test_min_is_guaranteed_by_reclaim(segment):
+    hog = spawn(segment, "hog", "churn", "--weight", "100", "--seconds", "6")
+    time.sleep(1)
+    assert _leased_by_name(segment)["hog"] > BUDGET_PAGES * 0.8  # it took nearly everything
+    small = spawn(segment, "small", "greedy-min", "--weight", "1", "--min", str(24 * PAGE), "--seconds", "2")
+    result = finish(small)
+    assert result["held_bytes"] >= 24 * PAGE, result
+    finish(hog)
+
+
+def test_limit_change_applies_to_an_idle_instance(segment):
+    proc = spawn(segment, "idle", "hold", "--seconds", "30")
+    try:
+        deadline = time.monotonic() + 2
+        while _leased_by_name(segment).get("idle", 0) < 16 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _leased_by_name(segment)["idle"] == 16
+        result = vmkv_cli("limit", "idle", "--max", "4M", "--segment", segment.name)
+        assert result.returncode == 0, result.stderr
+        deadline = time.monotonic() + 1.0
+        while _leased_by_name(segment)["idle"] > 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        row = next(r for r in segment.table.snapshot() if r["name"] == "idle")
+        assert row["leased"] <= 4 and row["max_pages"] == 4
+        assert row["reclaims"] >= 1
+        bad = vmkv_cli("limit", "nobody", "--max", "4M", "--segment", segment.name)
+        assert bad.returncode == 1 and "no live instance" in bad.stderr
+        bad = vmkv_cli("limit", "idle", "--min", "8M", "--max", "4M", "--segment", segment.name)
+        assert bad.returncode == 1 and "min must not exceed max" in bad.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# -- crash safety ----------------------------------------------------------------------
+
+
+def test_killed_instance_lease_returns_within_two_seconds(segment):
+    survivor = spawn(segment, "survivor", "hold", "--seconds", "30")
+    victim = spawn(segment, "victim", "hold", "--seconds", "30")
+    try:
+        deadline = time.monotonic() + 2
+        while _leased_by_name(segment).get("victim", 0) < 16 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        killed = time.monotonic()
+        while "victim" in _leased_by_name(segment):  # snapshot does not sweep: the survivor must
+            assert time.monotonic() - killed < 2.0, "lease not reclaimed within 2 s"
+            time.sleep(0.01)
+    finally:
+        survivor.kill()
+        survivor.wait()
+
+
+LOCKER = """
+import sys
+from vmkv.coordinator import Segment
+table = Segment.attach(sys.argv[1]).table
+print("ready", flush=True)
+table.lock_cycles(1 << 62)  # holds the lock about half of the time, until killed
+"""
+
+
+def test_chaos_sigkill_never_deadlocks_and_leases_come_back(segment):
+    rng = random.Random(7)
+    workers: dict[str, subprocess.Popen] = {}
+    kills, serial = 0, 0
+
+    def start(kind: str) -> None:
+        nonlocal serial
+        serial += 1
+        name = f"{kind}{serial}"
+        if kind == "lock":
+            proc = subprocess.Popen(
+                [sys.executable, "-c", LOCKER, segment.name], stdout=subprocess.PIPE, text=True
+            )
+            proc.stdout.readline()
+        else:
+            proc = spawn(segment, name, "churn", "--seconds", "60")
+        workers[name] = proc
+
+    for i in range(6):
+        start("lock" if i % 2 else "churn")
+    while kills < 100:
+        time.sleep(rng.uniform(0.0, 0.03))
+        name = rng.choice(sorted(workers))
+        workers.pop(name).send_signal(signal.SIGKILL)
+        kills += 1
+        start("lock" if name.startswith("lock") else "churn")
+        started = time.monotonic()
+        check_invariants(segment)  # would hang or raise if the lock were lost
+        assert time.monotonic() - started < 5
+    for proc in workers.values():
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert segment.table.header()["lock_recoveries"] > 0  # some kills landed inside the lock
+    segment.table.sweep()
+    left = segment.table.snapshot()
+    assert left == [], [(r["name"], r["pid"], r["alive"], os.path.exists(f"/proc/{r['pid']}")) for r in left]
+    vmm = open_vmm("host", page_size=PAGE)
+    fresh = join(vmm, "after", segment=segment.name)
+    assert fresh.acquire(BUDGET_PAGES)  # the whole budget is free again
+    fresh.close()
+
+
+# -- CLI and metrics -------------------------------------------------------------------
+
+
+def test_cli_ls_prom_top_and_reset(segment):
+    proc = spawn(segment, "served", "hold", "--seconds", "30")
+    try:
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:  # reclaimable is refreshed by the heartbeat
+            rows = segment.table.snapshot()
+            if rows and rows[0]["leased"] == 16 and rows[0]["reclaimable"] == 14:
+                break
+            time.sleep(0.01)
+        listing = json.loads(vmkv_cli("ls", "--json", "--segment", segment.name).stdout)
+        (entry,) = listing["segments"]
+        (row,) = entry["instances"]
+        assert (row["name"], row["engine"], row["model"], row["leased"]) == ("served", "test", "tiny", 16)
+        # 16 held: the null block's KV page (2 physical pages) stays mapped, 14 are pooled.
+        assert (row["held"], row["mapped"], row["reclaimable"]) == (16, 2, 14)
+        text = vmkv_cli("ls", "--segment", segment.name).stdout
+        assert "served" in text and "budget 64.0M" in text
+        prom = vmkv_cli("ls", "--prom", "--segment", segment.name).stdout
+        assert (
+            f'vmkv_leased{{engine="test",instance="served",model="tiny",segment="{segment.name}"}} 16.0'
+            in prom
+        )
+        assert "vmkv_grant_latency_seconds_bucket" in prom and "vmkv_grants_total" in prom
+        assert "vmkv_budget_pages" in prom
+        top = vmkv_cli("top", "--iterations", "1", "--segment", segment.name)
+        assert top.returncode == 0 and "served" in top.stdout
+        refused = vmkv_cli("reset", "--segment", segment.name)
+        assert refused.returncode == 1 and "in use by served" in refused.stderr
+        assert (SHM_DIR / segment.name.lstrip("/")).exists()
+    finally:
+        proc.kill()
+        proc.wait()
+    removed = vmkv_cli("reset", "--segment", segment.name)
+    assert removed.returncode == 0, removed.stderr
+    assert not (SHM_DIR / segment.name.lstrip("/")).exists()
+    assert not list(SHM_DIR.glob(f"sem.{segment.name.lstrip('/')}-s*"))
+    segment.table = None  # the fixture's own unlink has nothing left to do
+    Segment.open_or_create(segment.name, PAGE, lambda: PAGE)  # recreate so the fixture can remove it
