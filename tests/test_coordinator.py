@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import mmap
 import os
@@ -84,6 +85,12 @@ def test_segment_is_private_per_user_and_versioned(segment):
     vmm = open_vmm("host", page_size=2 * PAGE)
     with pytest.raises(SegmentError, match="pages of 1048576 bytes"):
         join(vmm, "mismatch", segment=segment.name)
+
+
+def test_a_table_keeps_its_mapping_alive(segment):
+    table = Segment.attach(segment.name).table  # the Segment object itself is dropped here
+    gc.collect()
+    assert table.header()["budget_pages"] == BUDGET_PAGES
 
 
 def _poke(segment: Segment, offset: int, data: bytes) -> None:

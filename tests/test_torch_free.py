@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import subprocess
 
-from conftest import run_python
-
 import vmkv.vmm_ops._C as core
+from conftest import run_python
 
 
 def test_extension_links_neither_torch_nor_a_driver():

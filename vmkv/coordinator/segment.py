@@ -67,7 +67,7 @@ class Segment:
         self._mmap = mmap.mmap(memory.fd, SEGMENT_SIZE)
         memory.close_fd()
         self._anchor = ctypes.c_char.from_buffer(self._mmap)
-        self.table = Table(ctypes.addressof(self._anchor), SEGMENT_SIZE)
+        self.table = Table(self._anchor, ctypes.addressof(self._anchor), SEGMENT_SIZE)
 
     @classmethod
     def attach(cls, name: str) -> Segment:

@@ -84,7 +84,10 @@ PYBIND11_MODULE(_table, m) {
   m.def("process_start_time", &process_start_time, py::arg("pid"));
 
   py::class_<Table>(m, "Table")
-      .def(py::init<uintptr_t, size_t>(), py::arg("address"), py::arg("size"))
+      // The table points into memory that `owner` keeps mapped; keep_alive ties the two
+      // together so a table can never outlive its mapping.
+      .def(py::init([](const py::object& /*owner*/, uintptr_t address, size_t size) { return Table(address, size); }),
+           py::arg("owner"), py::arg("address"), py::arg("size"), py::keep_alive<1, 2>())
       .def_property_readonly("initialized", &Table::initialized)
       .def_property_readonly("page_size", &Table::page_size)
       .def("initialize", &Table::initialize, py::arg("page_size"), py::arg("budget_pages"))
