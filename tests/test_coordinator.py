@@ -362,3 +362,30 @@ def test_cli_ls_prom_top_and_reset(segment):
     assert not list(SHM_DIR.glob(f"sem.{segment.name.lstrip('/')}-s*"))
     segment.table = None  # the fixture's own unlink has nothing left to do
     Segment.open_or_create(segment.name, PAGE, lambda: PAGE)  # recreate so the fixture can remove it
+
+
+def test_metrics_are_served_over_http(segment):
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    vmm = open_vmm("host", page_size=PAGE)
+    instance = join(vmm, "exported", engine="test", segment=segment.name)
+    assert instance.acquire(3)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vmkv", "metrics", "--port", str(port), "--segment", segment.name],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert "serving Prometheus metrics" in server.stdout.readline()
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        assert 'instance="exported"' in body
+        assert "vmkv_leased{" in body and "} 3.0" in body
+        assert "vmkv_grants_total" in body and "vmkv_reclaim_latency_seconds_bucket" in body
+    finally:
+        server.terminate()
+        server.wait()
+        instance.close()

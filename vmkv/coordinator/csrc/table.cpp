@@ -354,40 +354,43 @@ RequestResult Table::request(uint32_t slot, uint64_t generation, uint64_t pages,
     grant_locked(s, pages, waited_ns, started);
     return {Outcome::kGranted, {}};
   }
+  // Whom to ask, in tiers:
+  //   0. anyone's idle pages (pooled or empty, as last reported): giving them costs the
+  //      holder nothing, so any requester may have them, whatever the shares;
+  //   1. if the requester stays within its fair share: what others hold above theirs;
+  //   2. if the requester is below its min: what others hold above their min.
   std::vector<uint64_t> fair = fair_shares();
-  if (s.leased + pages > fair[slot]) {
-    ++s.misses;
-    s.awaiting = 0;
-    return {Outcome::kMissFair, {}};
-  }
-  // Below its fair share: ask those above theirs; below its min: also those above theirs.
-  uint64_t need = pages - available;
+  bool within_fair = s.leased + pages <= fair[slot];
   bool below_min = s.leased + pages <= s.min_pages;
+  uint64_t need = pages - available;
   std::vector<uint32_t> victims;
-  for (int tier = 0; tier < 2 && need > 0; ++tier) {
-    if (tier == 1 && !below_min) break;
-    std::vector<std::pair<uint64_t, uint32_t>> excess;
+  for (int tier = 0; tier < 3 && need > 0; ++tier) {
+    if ((tier == 1 && !within_fair) || (tier == 2 && !below_min)) break;
+    std::vector<std::pair<uint64_t, uint32_t>> offers;
     for (uint32_t i = 0; i < kMaxSlots; ++i) {
       Slot& v = segment_->slots[i];
-      if (i == slot || v.state != kActive) continue;
-      uint64_t keep = tier == 0 ? fair[i] : v.min_pages;
-      uint64_t committed = keep + v.reclaim_request;
-      if (v.leased > committed) excess.emplace_back(v.leased - committed, i);
+      if (i == slot || v.state != kActive || v.leased <= v.reclaim_request) continue;
+      uint64_t spare = v.leased - v.reclaim_request;  // what is not already promised
+      uint64_t offer = tier == 0   ? std::min(v.reclaimable, spare)
+                       : tier == 1 ? (spare > fair[i] ? spare - fair[i] : 0)
+                                   : (spare > v.min_pages ? spare - v.min_pages : 0);
+      if (offer > 0) offers.emplace_back(offer, i);
     }
-    std::sort(excess.rbegin(), excess.rend());
-    for (const auto& [amount, i] : excess) {
+    std::sort(offers.rbegin(), offers.rend());
+    for (const auto& [amount, i] : offers) {
       if (need == 0) break;
       uint64_t take = std::min(amount, need);
       Slot& v = segment_->slots[i];
       if (v.reclaim_request == 0) v.reclaim_since_ns = monotonic_ns();
       v.reclaim_request += take;
+      v.reclaimable -= std::min(v.reclaimable, take);
       need -= take;
       if (std::find(victims.begin(), victims.end(), i) == victims.end()) victims.push_back(i);
     }
   }
   if (victims.empty() && s.awaiting == 0) {
     ++s.misses;
-    return {Outcome::kMissNoVictim, {}};
+    return {within_fair ? Outcome::kMissNoVictim : Outcome::kMissFair, {}};
   }
   s.awaiting = pages;  // what others free now goes to this request first
   return {Outcome::kReclaiming, victims};
