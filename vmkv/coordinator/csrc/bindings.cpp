@@ -79,9 +79,6 @@ PYBIND11_MODULE(_table, m) {
       .value("RECLAIMING", Outcome::kReclaiming);
 
   m.attr("SEGMENT_SIZE") = Table::segment_size();
-  m.attr("VERSION") = kVersion;
-  m.attr("MAX_SLOTS") = kMaxSlots;
-  m.def("process_start_time", &process_start_time, py::arg("pid"));
 
   py::class_<Table>(m, "Table")
       // The table points into memory that `owner` keeps mapped; keep_alive ties the two
