@@ -1,5 +1,6 @@
-"""Builds the torch-free C++17 cores: vmkv.vmm_ops._C (virtual memory) and
-vmkv.coordinator._table (the shared lease table). Driver libraries are opened at run
+"""Builds the torch-free C++17 cores: vmkv.vmm_ops._C (virtual memory),
+vmkv.coordinator._table (the shared lease table) and vmkv.spill._index (the shared index
+of the host spill tier). Driver libraries are opened at run
 time, so the build needs neither CUDA nor CANN; when cuda.h is found it is only used to
 check our ABI declarations at compile time."""
 
@@ -21,13 +22,22 @@ extension = Pybind11Extension(
     libraries=["dl"],
 )
 
-coordinator = Pybind11Extension(
-    "vmkv.coordinator._table",
-    [f"vmkv/coordinator/csrc/{name}" for name in ("bindings.cpp", "table.cpp")],
-    include_dirs=["vmkv/coordinator/csrc"],
-    cxx_std=17,
-    extra_compile_args=["-O2", "-Wall", "-Wextra", "-fvisibility=hidden"],
-    libraries=["pthread"],
-)
+# Robust process-shared locking and process liveness, shared by the two shared-memory tables.
+COMMON = "vmkv/common/csrc"
 
-setup(ext_modules=[extension, coordinator], cmdclass={"build_ext": build_ext})
+
+def shared_table(name: str, csrc: str, sources: tuple[str, ...]) -> Pybind11Extension:
+    return Pybind11Extension(
+        name,
+        [f"{csrc}/{source}" for source in sources] + [f"{COMMON}/process.cpp", f"{COMMON}/robust_lock.cpp"],
+        include_dirs=[csrc, COMMON],
+        cxx_std=17,
+        extra_compile_args=["-O2", "-Wall", "-Wextra", "-fvisibility=hidden"],
+        libraries=["pthread"],
+    )
+
+
+coordinator = shared_table("vmkv.coordinator._table", "vmkv/coordinator/csrc", ("bindings.cpp", "table.cpp"))
+spill_index = shared_table("vmkv.spill._index", "vmkv/spill/csrc", ("bindings.cpp", "index.cpp"))
+
+setup(ext_modules=[extension, coordinator, spill_index], cmdclass={"build_ext": build_ext})

@@ -315,3 +315,56 @@ aclError aclrtUnmapMem(void *ptr) {
   pthread_mutex_unlock(&g_lock);
   return fail(ACL_ERROR_RT_PARAM_INVALID, "nothing is mapped at this address");
 }
+
+/* Host registration: CANN requires a 4 KiB aligned address and rejects a second
+ * registration of the same address; unregistering an unknown address is an error. */
+#define MAX_HOST_REGISTRATIONS 64
+static uintptr_t g_host_registered[MAX_HOST_REGISTRATIONS];
+
+aclError aclrtHostRegister(void *ptr, uint64_t size, int type, void **dev_ptr) {
+  uintptr_t address = (uintptr_t)ptr;
+  if (current_device() < 0) return fail(ACL_ERROR_RT_CONTEXT_NULL, "no current context");
+  if (ptr == NULL || size == 0 || dev_ptr == NULL || type != 0) {
+    return fail(ACL_ERROR_RT_PARAM_INVALID, "bad host registration arguments");
+  }
+  if (address % 4096 != 0) return fail(ACL_ERROR_RT_ADDR_UNALIGNED, "host address is not 4 KiB aligned");
+  pthread_mutex_lock(&g_lock);
+  int free_index = -1;
+  for (int i = 0; i < MAX_HOST_REGISTRATIONS; ++i) {
+    if (g_host_registered[i] == address) {
+      pthread_mutex_unlock(&g_lock);
+      return fail(ACL_ERROR_RT_PARAM_INVALID, "host address already registered");
+    }
+    if (g_host_registered[i] == 0 && free_index < 0) free_index = i;
+  }
+  if (free_index < 0) {
+    pthread_mutex_unlock(&g_lock);
+    return fail(ACL_ERROR_RT_MEMORY_ALLOCATION, "too many host registrations");
+  }
+  g_host_registered[free_index] = address;
+  pthread_mutex_unlock(&g_lock);
+  *dev_ptr = ptr;
+  return ACL_SUCCESS;
+}
+
+aclError aclrtHostUnregister(void *ptr) {
+  pthread_mutex_lock(&g_lock);
+  for (int i = 0; i < MAX_HOST_REGISTRATIONS; ++i) {
+    if (g_host_registered[i] == (uintptr_t)ptr) {
+      g_host_registered[i] = 0;
+      pthread_mutex_unlock(&g_lock);
+      return ACL_SUCCESS;
+    }
+  }
+  pthread_mutex_unlock(&g_lock);
+  return fail(ACL_ERROR_RT_PARAM_INVALID, "host address is not registered");
+}
+
+/* Test hook: how many host ranges are registered now. */
+int vmkv_shim_host_registrations(void) {
+  int count = 0;
+  pthread_mutex_lock(&g_lock);
+  for (int i = 0; i < MAX_HOST_REGISTRATIONS; ++i) count += g_host_registered[i] != 0;
+  pthread_mutex_unlock(&g_lock);
+  return count;
+}

@@ -63,7 +63,7 @@ PYBIND11_MODULE(_table, m) {
       "vmkv.coordinator._table.SegmentError",
       "The coordinator segment is corrupted, foreign or of another version.", PyExc_RuntimeError, nullptr);
   m.add_object("SegmentError", py::handle(g_segment_error));
-  py::register_exception_translator([](std::exception_ptr pointer) {
+  py::register_local_exception_translator([](std::exception_ptr pointer) {
     try {
       if (pointer) std::rethrow_exception(pointer);
     } catch (const SegmentError& error) {

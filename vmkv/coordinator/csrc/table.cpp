@@ -1,13 +1,7 @@
 #include "table.h"
 
-#include <errno.h>
-#include <signal.h>
-#include <time.h>
-
 #include <algorithm>
 #include <cstring>
-#include <fstream>
-#include <sstream>
 
 namespace vmkv::coord {
 namespace {
@@ -36,84 +30,20 @@ std::string slot_label(uint32_t index, const Slot& s) {
 
 }  // namespace
 
-uint64_t monotonic_ns() {
-  timespec ts{};
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<uint64_t>(ts.tv_sec) * 1000000000ULL + static_cast<uint64_t>(ts.tv_nsec);
-}
-
-namespace {
-
-// Field 3 (state) and field 22 (start time) of /proc/<pid>/stat; false when unreadable.
-bool read_stat(int32_t pid, char* state, uint64_t* start_time) {
-  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
-  std::string line;
-  if (!std::getline(stat, line)) return false;
-  // The command name may contain spaces and parentheses: fields resume after the last ')'.
-  size_t close = line.rfind(')');
-  if (close == std::string::npos || close + 2 >= line.size()) return false;
-  std::istringstream fields(line.substr(close + 2));
-  std::string field;
-  for (int index = 3; fields >> field; ++index) {
-    if (index == 3) *state = field[0];
-    if (index == 22) {
-      *start_time = std::stoull(field);
-      return true;
-    }
-  }
-  return false;
-}
-
-}  // namespace
-
-uint64_t process_start_time(int32_t pid) {
-  char state = 0;
-  uint64_t start_time = 0;
-  return read_stat(pid, &state, &start_time) ? start_time : 0;
-}
-
-// Alive means: the same process (pid and start time) and not a zombie. A zombie's parent
-// may never reap it, and it will never give its lease back.
-bool process_alive(int32_t pid, uint64_t start_time) {
-  if (pid <= 0) return false;
-  if (kill(pid, 0) != 0 && errno == ESRCH) return false;
-  char state = 0;
-  uint64_t started = 0;
-  if (!read_stat(pid, &state, &started)) return false;
-  return started == start_time && state != 'Z' && state != 'X';
-}
-
 // Takes the robust lock with a deadline. When the previous owner died holding it, the
 // table is repaired before anyone reads it: every update is a few 8-byte stores and every
 // aggregate is recomputed from the slots, so repair = validate + sweep the dead.
 class Table::Guard {
  public:
-  explicit Guard(Table& table) : table_(table) {
-    timespec deadline{};
-    clock_gettime(CLOCK_REALTIME, &deadline);
-    deadline.tv_sec += kLockTimeoutSeconds;
-    int rc = pthread_mutex_timedlock(&table_.segment_->header.lock, &deadline);
-    if (rc == EOWNERDEAD) {
-      table_.repair_after_owner_death();
-      pthread_mutex_consistent(&table_.segment_->header.lock);
-    } else if (rc == ETIMEDOUT) {
-      throw std::runtime_error("the coordinator lock was held for more than " + std::to_string(kLockTimeoutSeconds) +
-                               " s; if no vmkv process is stuck, run `vmkv reset`");
-    } else if (rc != 0) {
-      throw SegmentError("the coordinator lock is unusable (" + std::string(strerror(rc)) + "); run `vmkv reset`");
-    }
-    try {
-      table_.validate_header();
-      table_.validate_slots();
-    } catch (...) {
-      pthread_mutex_unlock(&table_.segment_->header.lock);
-      throw;
-    }
+  explicit Guard(Table& table)
+      : lock_(&table.segment_->header.lock, kLockTimeoutSeconds, "the coordinator",
+              [&table] { table.repair_after_owner_death(); }) {
+    table.validate_header();
+    table.validate_slots();
   }
-  ~Guard() { pthread_mutex_unlock(&table_.segment_->header.lock); }
 
  private:
-  Table& table_;
+  shm::RobustGuard lock_;
 };
 
 Table::Table(uintptr_t address, size_t size) : segment_(reinterpret_cast<Segment*>(address)) {
@@ -137,12 +67,7 @@ void Table::initialize(uint64_t page_size, uint64_t budget_pages) {
   h.page_size = page_size;
   h.budget_pages = budget_pages;
   h.next_generation = 1;
-  pthread_mutexattr_t attr;
-  pthread_mutexattr_init(&attr);
-  pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
-  pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
-  pthread_mutex_init(&h.lock, &attr);
-  pthread_mutexattr_destroy(&attr);
+  shm::init_robust_mutex(&h.lock);
   __atomic_store_n(&h.initialized, 1u, __ATOMIC_RELEASE);
 }
 

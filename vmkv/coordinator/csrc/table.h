@@ -13,6 +13,9 @@
 #include <string>
 #include <vector>
 
+#include "process.h"
+#include "robust_lock.h"
+
 namespace vmkv::coord {
 
 constexpr uint64_t kMagic = 0x524f4f43564b4d56ULL;  // "VMKVCOOR" little-endian
@@ -82,11 +85,10 @@ struct Segment {
   Slot slots[kMaxSlots];
 };
 
-// The segment failed validation (bad magic, foreign version, impossible values).
-class SegmentError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
+using shm::monotonic_ns;
+using shm::process_alive;
+using shm::process_start_time;
+using shm::SegmentError;  // the segment failed validation (bad magic, foreign version, impossible values)
 
 enum class Outcome : int { kGranted = 0, kMissMax = 1, kMissFair = 2, kMissNoVictim = 3, kReclaiming = 4 };
 
@@ -155,9 +157,5 @@ class Table {
 
   Segment* segment_;
 };
-
-uint64_t monotonic_ns();
-uint64_t process_start_time(int32_t pid);  // 0 when the process does not exist
-bool process_alive(int32_t pid, uint64_t start_time);
 
 }  // namespace vmkv::coord

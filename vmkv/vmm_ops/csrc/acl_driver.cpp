@@ -36,6 +36,7 @@ constexpr aclError kAclRepeatInitialize = 100002;
 constexpr int kAclHbmMemHuge = 4;
 constexpr int kAclLocationDevice = 1;
 constexpr int kAclGranularityMinimum = 0;
+constexpr int kAclHostRegisterMapped = 0;  // aclrtHostRegisterType ACL_HOST_REGISTER_MAPPED
 
 struct AclErrorName {
   aclError code;
@@ -81,6 +82,8 @@ struct AclApi {
   aclError (*aclrtMapMem)(void*, size_t, size_t, aclrtDrvMemHandle, uint64_t);
   aclError (*aclrtUnmapMem)(void*);
   aclError (*aclrtMemGetAllocationGranularity)(AclPhysicalMemProp*, int, size_t*);
+  aclError (*aclrtHostRegister)(void*, uint64_t, int, void**);
+  aclError (*aclrtHostUnregister)(void*);
 
   DynamicLibrary library;
   std::string path;
@@ -126,7 +129,9 @@ AclApi& acl_api() {
               lib.resolve("aclrtMallocPhysical", api.aclrtMallocPhysical) &&
               lib.resolve("aclrtFreePhysical", api.aclrtFreePhysical) &&
               lib.resolve("aclrtMapMem", api.aclrtMapMem) && lib.resolve("aclrtUnmapMem", api.aclrtUnmapMem) &&
-              lib.resolve("aclrtMemGetAllocationGranularity", api.aclrtMemGetAllocationGranularity);
+              lib.resolve("aclrtMemGetAllocationGranularity", api.aclrtMemGetAllocationGranularity) &&
+              lib.resolve("aclrtHostRegister", api.aclrtHostRegister) &&
+              lib.resolve("aclrtHostUnregister", api.aclrtHostUnregister);
     if (!ok) {
       api.error = lib.error();
       return;
@@ -220,6 +225,20 @@ class AclDriver final : public Driver {
   void unmap(uintptr_t va, size_t /*size*/) override {
     bind();
     check(api_.aclrtUnmapMem(reinterpret_cast<void*>(va)), "aclrtUnmapMem");
+  }
+
+  // ACL_HOST_REGISTER_MAPPED: the device may read and write the range. The device-side
+  // alias it returns is not needed: copies take the host address.
+  void register_host(uintptr_t address, size_t size) override {
+    bind();
+    void* device_alias = nullptr;
+    check(api_.aclrtHostRegister(reinterpret_cast<void*>(address), size, kAclHostRegisterMapped, &device_alias),
+          "aclrtHostRegister");
+  }
+
+  void unregister_host(uintptr_t address) override {
+    bind();
+    check(api_.aclrtHostUnregister(reinterpret_cast<void*>(address)), "aclrtHostUnregister");
   }
 
  private:

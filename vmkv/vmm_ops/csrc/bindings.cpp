@@ -120,6 +120,11 @@ PYBIND11_MODULE(_C, m) {
            release_gil(), "Map (address, page) pairs in one batch, all or nothing.")
       .def("unmap", [](VmmHandle& h, const std::vector<uintptr_t>& addresses) { return h.get().unmap(addresses); },
            py::arg("addresses"), release_gil(), "Unmap addresses in one batch; returns the pages that were there.")
+      .def("register_host", [](VmmHandle& h, uintptr_t address, size_t size) { h.get().register_host(address, size); },
+           py::arg("address"), py::arg("size"), release_gil(),
+           "Page-lock host memory for fast asynchronous device copies (no-op on the host backend).")
+      .def("unregister_host", [](VmmHandle& h, uintptr_t address) { h.get().unregister_host(address); },
+           py::arg("address"), release_gil())
       .def("stats", [](VmmHandle& h) { return stats_dict(h.get().stats()); })
       .def("close", &VmmHandle::close, release_gil());
 

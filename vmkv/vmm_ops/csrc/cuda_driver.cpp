@@ -44,6 +44,7 @@ constexpr int kLocationTypeDevice = 1;
 constexpr int kAllocationTypePinned = 1;
 constexpr int kAccessReadWrite = 3;
 constexpr int kGranularityMinimum = 0;
+constexpr unsigned int kCuMemHostRegisterPortable = 1;
 constexpr CUresult kSuccess = 0;
 constexpr CUresult kOutOfMemory = 2;
 
@@ -68,6 +69,8 @@ struct CudaApi {
   CUresult (*cuMemRelease)(CUmemHandle);
   CUresult (*cuMemMap)(CUdeviceptr, size_t, size_t, CUmemHandle, unsigned long long);
   CUresult (*cuMemUnmap)(CUdeviceptr, size_t);
+  CUresult (*cuMemHostRegister)(void*, size_t, unsigned int);
+  CUresult (*cuMemHostUnregister)(void*);
   CUresult (*cuMemSetAccess)(CUdeviceptr, size_t, const CuMemAccessDesc*, size_t);
 
   DynamicLibrary library;
@@ -92,7 +95,9 @@ CudaApi& cuda_api() {
               lib.resolve("cuMemAddressReserve", api.cuMemAddressReserve) &&
               lib.resolve("cuMemAddressFree", api.cuMemAddressFree) && lib.resolve("cuMemCreate", api.cuMemCreate) &&
               lib.resolve("cuMemRelease", api.cuMemRelease) && lib.resolve("cuMemMap", api.cuMemMap) &&
-              lib.resolve("cuMemUnmap", api.cuMemUnmap) && lib.resolve("cuMemSetAccess", api.cuMemSetAccess);
+              lib.resolve("cuMemUnmap", api.cuMemUnmap) && lib.resolve("cuMemSetAccess", api.cuMemSetAccess) &&
+              lib.resolve("cuMemHostRegister_v2", api.cuMemHostRegister) &&
+              lib.resolve("cuMemHostUnregister", api.cuMemHostUnregister);
     if (!ok) {
       api.error = lib.error();
       return;
@@ -199,6 +204,18 @@ class CudaDriver final : public Driver {
     check(api_.cuMemSetAccess(va, size, &access_, 1), "cuMemSetAccess");
   }
 
+  // PORTABLE: pinned for every context, so other devices' copies are fast as well.
+  void register_host(uintptr_t address, size_t size) override {
+    ContextScope scope(*this);
+    check(api_.cuMemHostRegister(reinterpret_cast<void*>(address), size, kCuMemHostRegisterPortable),
+          "cuMemHostRegister");
+  }
+
+  void unregister_host(uintptr_t address) override {
+    ContextScope scope(*this);
+    check(api_.cuMemHostUnregister(reinterpret_cast<void*>(address)), "cuMemHostUnregister");
+  }
+
  private:
   // Makes the device's primary context current for one call and restores the caller's
   // afterwards, so vmkv never changes what torch considers the current device.
@@ -278,4 +295,5 @@ static_assert(vmkv::kAllocationTypePinned == CU_MEM_ALLOCATION_TYPE_PINNED, "ABI
 static_assert(vmkv::kAccessReadWrite == CU_MEM_ACCESS_FLAGS_PROT_READWRITE, "ABI");
 static_assert(vmkv::kGranularityMinimum == CU_MEM_ALLOC_GRANULARITY_MINIMUM, "ABI");
 static_assert(vmkv::kOutOfMemory == CUDA_ERROR_OUT_OF_MEMORY, "ABI");
+static_assert(vmkv::kCuMemHostRegisterPortable == CU_MEMHOSTREGISTER_PORTABLE, "ABI");
 #endif

@@ -66,6 +66,10 @@ class Driver {
   // Vmm calls it once per contiguous run of a batch because one call over a range is
   // ~150x cheaper per page than one call per page.
   virtual void set_access(uintptr_t /*va*/, size_t /*size*/) {}
+  // Page-lock host memory so copies between it and the device run asynchronously at full
+  // speed (the spill tier's shared slots). Host memory needs nothing on the host backend.
+  virtual void register_host(uintptr_t /*address*/, size_t /*size*/) {}
+  virtual void unregister_host(uintptr_t /*address*/) {}
   // Backend-specific counters for stats() (e.g. bytes the host memfd really holds).
   virtual size_t resident_bytes() { return 0; }
 };

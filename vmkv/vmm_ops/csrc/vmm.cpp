@@ -46,6 +46,12 @@ Vmm::~Vmm() {
     } catch (const std::exception&) {
     }
   }
+  for (const auto& [address, size] : host_registrations_) {
+    try {
+      driver_->unregister_host(address);
+    } catch (const std::exception&) {
+    }
+  }
 }
 
 size_t Vmm::granularity() { return driver_->granularity(); }
@@ -204,6 +210,32 @@ std::vector<uint64_t> Vmm::unmap(const std::vector<uintptr_t>& addresses) {
   }
   counters_.unmap_calls += 1;
   return pages;
+}
+
+void Vmm::register_host(uintptr_t address, size_t size) {
+  constexpr size_t kHostPage = 4096;
+  if (address == 0 || size == 0 || address % kHostPage != 0 || size % kHostPage != 0) {
+    throw std::invalid_argument("host registration needs a non-null, 4 KiB aligned range of whole 4 KiB pages");
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto next = host_registrations_.lower_bound(address);
+  bool overlaps_next = next != host_registrations_.end() && next->first < address + size;
+  bool overlaps_prev = next != host_registrations_.begin() && std::prev(next)->first + std::prev(next)->second > address;
+  if (overlaps_next || overlaps_prev) {
+    throw std::invalid_argument("host range at " + std::to_string(address) + " overlaps a registered range");
+  }
+  driver_->register_host(address, size);
+  host_registrations_.emplace(address, size);
+}
+
+void Vmm::unregister_host(uintptr_t address) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = host_registrations_.find(address);
+  if (it == host_registrations_.end()) {
+    throw std::invalid_argument("host address " + std::to_string(address) + " is not registered");
+  }
+  driver_->unregister_host(address);
+  host_registrations_.erase(it);
 }
 
 VmmStats Vmm::stats() {

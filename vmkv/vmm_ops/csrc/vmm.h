@@ -59,6 +59,11 @@ class Vmm {
   // Unmaps each address; returns the page ids that were mapped there, in order.
   std::vector<uint64_t> unmap(const std::vector<uintptr_t>& addresses);
 
+  // Page-locks [address, address + size) of host memory for device copies (4 KiB aligned,
+  // not overlapping another registration). Undone by unregister_host or at destruction.
+  void register_host(uintptr_t address, size_t size);
+  void unregister_host(uintptr_t address);
+
   VmmStats stats();
 
  private:
@@ -73,6 +78,7 @@ class Vmm {
   std::unordered_map<uint64_t, NativeHandle> pages_;    // page id -> driver handle
   std::unordered_map<uint64_t, uintptr_t> page_at_;     // mapped page id -> address
   std::map<uintptr_t, uint64_t> mapping_at_;            // address -> mapped page id
+  std::map<uintptr_t, size_t> host_registrations_;      // start -> size
   uint64_t next_page_id_ = 1;
   VmmStats counters_;
 };

@@ -1,0 +1,62 @@
+"""Content addresses of spilled blocks.
+
+Keys are the engine's own block hashes (vLLM's block-hash chain, a hash of SGLang's radix
+path), so a prefix spilled by one request is found again by the next one that shares it.
+A hash alone is not enough: the same tokens give the same hash under another model,
+dtype, layout or block size, and those blocks must never be confused. Every key is
+therefore bound to a :class:`Namespace`, and the tier of one namespace lives in its own
+shared-memory segment as well.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+from vmkv.spill._index import KEY_BYTES
+
+BlockHash = bytes | int | str
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """What must agree for two instances to share KV blocks.
+
+    ``model`` is the served model's identity (name or path plus revision), ``kv_dtype`` the
+    engine's KV cache dtype setting (e.g. "auto", "fp8_e4m3"), ``block_size`` tokens per
+    block, and ``hash_seed`` whatever seeds the engine's block hashes (vLLM's
+    PYTHONHASHSEED-derived NONE_HASH, for example). The tensor layout is added by the
+    store from the tensors themselves, so it cannot be declared wrongly.
+    """
+
+    model: str
+    kv_dtype: str
+    block_size: int
+    hash_seed: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("a namespace needs the model's identity")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
+            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+
+    def digest(self, layout_signature: str) -> bytes:
+        """32 bytes naming this namespace with one concrete tensor layout."""
+        fields = {**asdict(self), "layout": layout_signature}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).digest()
+
+
+def block_key(namespace_digest: bytes, block_hash: BlockHash) -> bytes:
+    """The tier's key for one engine block hash: unique to the namespace."""
+    if isinstance(block_hash, bool):
+        raise TypeError("a block hash must be bytes, int or str, not bool")
+    if isinstance(block_hash, int):
+        raw = b"i" + block_hash.to_bytes((block_hash.bit_length() + 8) // 8, "little", signed=True)
+    elif isinstance(block_hash, str):
+        raw = b"s" + block_hash.encode()
+    elif isinstance(block_hash, bytes | bytearray | memoryview):
+        raw = b"b" + bytes(block_hash)
+    else:
+        raise TypeError(f"a block hash must be bytes, int or str, got {type(block_hash).__name__}")
+    return hashlib.blake2b(raw, digest_size=KEY_BYTES, key=namespace_digest[:32]).digest()

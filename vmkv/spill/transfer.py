@@ -1,0 +1,205 @@
+"""Moving blocks between an engine's KV tensors and host slots.
+
+Per-block copies would be dominated by per-copy overhead (a Llama-3-8B block is 64
+scattered 32 KiB rows; vLLM measured 0.5-2 MB copies 4-5x faster than 8-72 KB ones).
+Blocks are therefore gathered on the device into a staging buffer laid out exactly like
+a run of consecutive host slots, and each run crosses the bus as one large copy. Two
+staging buffers alternate so that the gather of one chunk overlaps the copy of the
+previous one; gathers run on one dedicated stream, copies on another, and neither is the
+engine's compute stream. Completion is an event, polled or waited on.
+
+On the host backend the KV tensors already live in host memory: blocks are gathered
+straight into the slots, synchronously.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from vmkv.spill.host_tier import HostTier
+from vmkv.spill.layout import BlockLayout
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_STAGING_BYTES = 64 << 20  # both buffers together
+
+
+class Completion(Protocol):
+    """What a device event offers (torch.cuda.Event and torch.npu.Event alike)."""
+
+    def query(self) -> bool: ...
+
+    def synchronize(self) -> None: ...
+
+    def wait(self, stream: Any = None) -> None: ...
+
+
+class _Done:
+    """Completion of work that finished before it was returned."""
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        return None
+
+    def wait(self, stream: Any = None) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class Run:
+    """Consecutive host slots and the engine blocks that go with them, in order."""
+
+    first_slot: int
+    blocks: list[int]
+
+
+def runs_of(slots: Sequence[int], blocks: Sequence[int]) -> list[Run]:
+    """Groups (slot, block) pairs into runs of consecutive slots."""
+    pairs = sorted(zip(slots, blocks, strict=True))
+    runs: list[Run] = []
+    for slot, block in pairs:
+        if runs and runs[-1].first_slot + len(runs[-1].blocks) == slot:
+            runs[-1].blocks.append(block)
+        else:
+            runs.append(Run(slot, [block]))
+    return runs
+
+
+def _part_view(rows: torch.Tensor, part_index: int, layout: BlockLayout) -> torch.Tensor:
+    """Part ``part_index`` of ``rows`` (n slot-shaped byte rows) as (n, *block_shape)."""
+    part = layout.parts[part_index]
+    chunk = rows[:, part.offset : part.offset + part.nbytes]
+    return chunk.view(part.view.dtype).unflatten(1, part.view.shape[1:])
+
+
+class HostMover:
+    """Copies for KV tensors in host memory (the host backend): synchronous."""
+
+    def __init__(self, layout: BlockLayout, tier: HostTier) -> None:
+        self.layout = layout
+        self.tier = tier
+
+    def save(self, runs: list[Run]) -> Completion:
+        import torch
+
+        for run in runs:
+            rows = self.tier.run(run.first_slot, len(run.blocks))
+            index = torch.tensor(run.blocks, dtype=torch.long)
+            for i, part in enumerate(self.layout.parts):
+                torch.index_select(part.view, 0, index, out=_part_view(rows, i, self.layout))
+        return _Done()
+
+    def load(self, runs: list[Run]) -> Completion:
+        import torch
+
+        for run in runs:
+            rows = self.tier.run(run.first_slot, len(run.blocks))
+            index = torch.tensor(run.blocks, dtype=torch.long)
+            for i, part in enumerate(self.layout.parts):
+                part.view.index_copy_(0, index, _part_view(rows, i, self.layout))
+        return _Done()
+
+
+class StreamMover:
+    """Copies for KV tensors on a CUDA or Ascend device: staged, double-buffered and
+    asynchronous on two dedicated streams."""
+
+    def __init__(self, layout: BlockLayout, tier: HostTier, staging_bytes: int = DEFAULT_STAGING_BYTES) -> None:
+        import torch
+
+        self.layout = layout
+        self.tier = tier
+        self.device = layout.device
+        self._api = torch.get_device_module(self.device)
+        stride = tier.slot_stride
+        self.chunk_blocks = max(1, staging_bytes // 2 // stride)
+        with self._api.device(self.device):
+            self._buffers = [
+                torch.empty((self.chunk_blocks, stride), dtype=torch.uint8, device=self.device) for _ in range(2)
+            ]
+            self._gather_stream = self._api.Stream(self.device)
+            self._copy_stream = self._api.Stream(self.device)
+        # The last event after which each staging buffer may be overwritten.
+        self._buffer_free: list[torch.Event | None] = [None, None]
+        self._turn = 0
+
+    def _chunks(self, runs: list[Run]) -> list[tuple[int, int, int]]:
+        """(first slot, offset into the call's block list, count) per chunk."""
+        out: list[tuple[int, int, int]] = []
+        offset = 0
+        for run in runs:
+            for start in range(0, len(run.blocks), self.chunk_blocks):
+                count = min(self.chunk_blocks, len(run.blocks) - start)
+                out.append((run.first_slot + start, offset + start, count))
+            offset += len(run.blocks)
+        return out
+
+    def _index(self, runs: list[Run]) -> torch.Tensor:
+        import torch
+
+        blocks = [b for run in runs for b in run.blocks]
+        # Pinned, so the upload is asynchronous and never waits for earlier transfers.
+        return torch.tensor(blocks, dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
+
+    def _event(self, stream: torch.Stream) -> torch.Event:
+        event = self._api.Event()
+        event.record(stream)
+        return event
+
+    def save(self, runs: list[Run]) -> Completion:
+        """Device blocks -> host slots. The engine's pending writes to them come first."""
+        gather, copy = self._gather_stream, self._copy_stream
+        gather.wait_stream(self._api.current_stream(self.device))
+        with self._api.stream(gather):
+            index = self._index(runs)
+        for first_slot, offset, count in self._chunks(runs):
+            buffer = self._take_buffer()
+            with self._api.stream(gather):
+                if (free := self._buffer_free[buffer]) is not None:
+                    gather.wait_event(free)
+                rows = self._buffers[buffer][:count]
+                chunk_index = index[offset : offset + count]
+                for i, part in enumerate(self.layout.parts):
+                    _part_view(rows, i, self.layout).copy_(part.view.index_select(0, chunk_index))
+                gathered = self._event(gather)
+            with self._api.stream(copy):
+                copy.wait_event(gathered)
+                self.tier.run(first_slot, count).copy_(rows, non_blocking=True)
+                self._buffer_free[buffer] = self._event(copy)
+        return self._event(copy)
+
+    def load(self, runs: list[Run]) -> Completion:
+        """Host slots -> device blocks. Kernels still reading the old contents come first;
+        the engine must order its reads after the returned event."""
+        gather, copy = self._gather_stream, self._copy_stream
+        gather.wait_stream(self._api.current_stream(self.device))
+        with self._api.stream(gather):
+            index = self._index(runs)
+        for first_slot, offset, count in self._chunks(runs):
+            buffer = self._take_buffer()
+            with self._api.stream(copy):
+                if (free := self._buffer_free[buffer]) is not None:
+                    copy.wait_event(free)
+                rows = self._buffers[buffer][:count]
+                rows.copy_(self.tier.run(first_slot, count), non_blocking=True)
+                copied = self._event(copy)
+            with self._api.stream(gather):
+                gather.wait_event(copied)
+                chunk_index = index[offset : offset + count]
+                for i, part in enumerate(self.layout.parts):
+                    part.view.index_copy_(0, chunk_index, _part_view(rows, i, self.layout))
+                self._buffer_free[buffer] = self._event(gather)
+        return self._event(gather)
+
+    def _take_buffer(self) -> int:
+        self._turn ^= 1
+        return self._turn
+
+
+def make_mover(layout: BlockLayout, tier: HostTier) -> HostMover | StreamMover:
+    return HostMover(layout, tier) if layout.device.type == "cpu" else StreamMover(layout, tier)
