@@ -3,6 +3,7 @@ GPU machine) must pass the same tests."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 
@@ -169,3 +170,21 @@ def test_close_releases_everything_and_later_calls_fail(vmm):
     if kind != "host":
         assert observer.mem_info()[0] >= free_before - page_size  # driver bookkeeping may move a little
     observer.close()
+
+
+def test_host_registration_is_validated_and_undone(vmm):
+    import mmap
+
+    buffer = mmap.mmap(-1, 8 * 4096)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+    with pytest.raises(ValueError, match="4 KiB aligned"):
+        vmm.register_host(address + 8, 4096)
+    with pytest.raises(ValueError, match="not registered"):
+        vmm.unregister_host(address)
+    vmm.register_host(address, 4 * 4096)
+    with pytest.raises(ValueError, match="overlaps"):
+        vmm.register_host(address + 4096, 4096)
+    vmm.register_host(address + 4 * 4096, 4 * 4096)  # adjacent is fine
+    vmm.unregister_host(address)
+    vmm.unregister_host(address + 4 * 4096)
+    vmm.register_host(address, 8 * 4096)  # left registered: close() must undo it

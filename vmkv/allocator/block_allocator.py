@@ -56,8 +56,9 @@ class BlockAllocator:
         self.keep_free_pages = keep_free_pages
         self.blocks_per_page = space.blocks_per_page
         self.num_blocks = space.capacity_blocks
-        # alloc/free come from the engine; trim may come from the coordinator's thread.
-        self._lock = threading.RLock()
+        # alloc/free come from the engine; trim and cold reclaim come from the coordinator's
+        # thread. Engine layers hold it too while they change which blocks are cached.
+        self.lock = threading.RLock()
         self._allocated = bytearray(self.num_blocks)
         # Mapped page -> its free slots, popped lowest id first.
         self._free_slots: dict[int, list[int]] = {}
@@ -90,6 +91,20 @@ class BlockAllocator:
     def is_allocated(self, block: int) -> bool:
         return 0 <= block < self.num_blocks and bool(self._allocated[block])
 
+    def pages_only_holding(self, blocks: Iterable[int]) -> dict[int, list[int]]:
+        """Mapped pages whose every allocated block is in ``blocks``: freeing those blocks
+        empties them. Maps each such page to its blocks."""
+        by_page: dict[int, list[int]] = {}
+        for block in blocks:
+            if self.is_allocated(block) and block != NULL_BLOCK:
+                by_page.setdefault(block // self.blocks_per_page, []).append(block)
+        bpp = self.blocks_per_page
+        return {
+            page: held
+            for page, held in by_page.items()
+            if len(held) == bpp - len(self._free_slots.get(page, ()))
+        }
+
     def stats(self) -> AllocatorStats:
         return AllocatorStats(
             capacity_blocks=self.num_blocks,
@@ -106,7 +121,7 @@ class BlockAllocator:
         """``count`` distinct block ids, or None (a miss) with nothing changed."""
         if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
             raise ValueError(f"block count must be a positive integer, got {count!r}")
-        with self._lock:
+        with self.lock:
             return self._alloc(count)
 
     def _alloc(self, count: int) -> list[int] | None:
@@ -134,7 +149,7 @@ class BlockAllocator:
         """Return blocks. Pages left with no live block are unmapped (beyond the
         ``keep_free_pages`` spares)."""
         blocks = list(blocks)
-        with self._lock:
+        with self.lock:
             self._free(blocks)
 
     def _free(self, blocks: list[int]) -> None:
@@ -154,7 +169,7 @@ class BlockAllocator:
 
     def trim(self, pages: int | None = None) -> int:
         """Unmap fully free pages now (all of them, or up to ``pages``); returns how many."""
-        with self._lock:
+        with self.lock:
             empty = len(self._pages_by_free[self.blocks_per_page])
             return self._release_empty_pages(empty - min(empty, pages) if pages is not None else 0)
 

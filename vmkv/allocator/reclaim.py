@@ -2,29 +2,81 @@
 
 1. pooled pages: already unmapped, released at once;
 2. empty mapped KV pages: unmapped (one batched call) into the pool, then released;
-3. what is still owed: paid by the pool as the engine frees blocks;
-4. cold cached blocks: through the spill tier, once the engine layer provides one.
+3. pages holding only cold blocks (cached by the engine, used by no request): their
+   blocks are copied to the spill tier, dropped from the engine's cache and freed, which
+   empties the pages. A later prefix hit reloads them from the host;
+4. what is still owed: paid by the pool as the engine frees blocks.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 from vmkv.allocator.block_allocator import BlockAllocator
 from vmkv.allocator.page_pool import PagePool
+
+log = logging.getLogger(__name__)
+
+BlockHash = bytes | int | str
+
+
+class ColdCache(Protocol):
+    """An engine's prefix cache as reclaim sees it. Both calls are made with the
+    allocator's lock held; the engine layer holds the same lock while it changes which
+    blocks are cached or referenced."""
+
+    def cold_blocks(self) -> Sequence[tuple[int, BlockHash]]:
+        """(block, hash) of cached blocks no request uses, coldest first."""
+        ...
+
+    def evict(self, blocks: Sequence[int]) -> None:
+        """Forget these blocks: they are freed right after, and their data goes."""
+        ...
+
+
+class Waitable(Protocol):
+    def wait(self) -> None: ...
+
+
+class Spill(Protocol):
+    """Where cold blocks go before their pages are released (a SpillStore)."""
+
+    def store(self, keys: Sequence[BlockHash], blocks: Sequence[int]) -> Waitable: ...
+
+
+@dataclass
+class ColdTier:
+    """One allocator's cold blocks, and the spill store that keeps them (None: dropped)."""
+
+    allocator: BlockAllocator
+    cache: ColdCache
+    spill: Spill | None = None
 
 
 class Reclaimer:
     """Serves reclaim requests for one pool and the allocators drawing on it."""
 
-    def __init__(self, pool: PagePool, allocators: Sequence[BlockAllocator] = ()) -> None:
+    def __init__(
+        self, pool: PagePool, allocators: Sequence[BlockAllocator] = (), cold: Sequence[ColdTier] = ()
+    ) -> None:
         self.pool = pool
         self.allocators = list(allocators)
+        self.cold = list(cold)
+        self.spilled_blocks = 0
+        self.dropped_blocks = 0  # cold blocks evicted without a copy (the tier was full)
 
     def reclaimable(self) -> int:
-        """Physical pages that could go back without touching a live block."""
+        """Physical pages that could go back without touching a block a request uses."""
         empty = sum(a.num_empty_mapped_pages() * a.space.physical_per_page for a in self.allocators)
-        return self.pool.stats().pooled + empty
+        cold = 0
+        for tier in self.cold:
+            with tier.allocator.lock:
+                pages = tier.allocator.pages_only_holding(b for b, _ in tier.cache.cold_blocks())
+            cold += len(pages) * tier.allocator.space.physical_per_page
+        return self.pool.stats().pooled + empty + cold
 
     def reclaim(self, pages: int) -> int:
         """Release up to ``pages`` now; what cannot go now is owed by the pool and paid as
@@ -33,8 +85,38 @@ class Reclaimer:
         owed_before = self.pool.stats().debt
         self.pool.owe(pages)
         for allocator in self.allocators:
-            debt = self.pool.stats().debt
-            if debt == 0:
+            if (debt := self.pool.stats().debt) == 0:
                 break
             allocator.trim(-(-debt // allocator.space.physical_per_page))  # unmapped pages pay it
+        for tier in self.cold:
+            if (debt := self.pool.stats().debt) == 0:
+                break
+            self._spill_cold_pages(tier, -(-debt // tier.allocator.space.physical_per_page))
         return owed_before + pages - self.pool.stats().debt
+
+    def _spill_cold_pages(self, tier: ColdTier, kv_pages: int) -> None:
+        allocator = tier.allocator
+        with allocator.lock:
+            cold = tier.cache.cold_blocks()
+            coldness = {block: rank for rank, (block, _) in enumerate(cold)}
+            hashes = dict(cold)
+            candidates = allocator.pages_only_holding(coldness)
+            # A page is as warm as its warmest block: release the coldest pages first.
+            victims = sorted(candidates, key=lambda page: max(coldness[b] for b in candidates[page]))[
+                :kv_pages
+            ]
+            blocks = [block for page in victims for block in candidates[page]]
+            if not blocks:
+                return
+            if tier.spill is not None:
+                try:
+                    tier.spill.store([hashes[b] for b in blocks], blocks).wait()
+                    self.spilled_blocks += len(blocks)
+                except RuntimeError as error:  # a full tier: the blocks are dropped, as without spill
+                    log.warning("spilling %d cold blocks failed (%s); dropping them", len(blocks), error)
+                    self.dropped_blocks += len(blocks)
+            else:
+                self.dropped_blocks += len(blocks)
+            tier.cache.evict(blocks)
+            allocator.free(blocks)
+            allocator.trim(len(victims))

@@ -21,9 +21,21 @@ PART_ALIGN = 64
 
 @dataclass(frozen=True)
 class Part:
-    view: torch.Tensor  # (num_blocks, *block_shape)
+    view: torch.Tensor  # (num_blocks, *block_shape), reinterpreted as same-size integers
+    dtype: torch.dtype  # the engine's dtype, for the signature
     offset: int  # in the host slot
     nbytes: int  # of one block
+
+
+def _as_integers(tensor: torch.Tensor) -> torch.Tensor:
+    """The same memory as integers of the same width: moving blocks copies bits, and
+    integer kernels exist for every width (index_copy has none for float8, for one)."""
+    import torch
+
+    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(tensor.element_size())
+    if width is None:
+        raise ValueError(f"KV dtype {tensor.dtype} has an unsupported element size {tensor.element_size()}")
+    return tensor.view(width)
 
 
 class BlockLayout:
@@ -40,7 +52,9 @@ class BlockLayout:
         views: list[torch.Tensor] = []
         for i, tensor in enumerate(tensors):
             if not -tensor.dim() <= block_dim < tensor.dim():
-                raise ValueError(f"KV tensor {i} has {tensor.dim()} dims; block_dim {block_dim} is out of range")
+                raise ValueError(
+                    f"KV tensor {i} has {tensor.dim()} dims; block_dim {block_dim} is out of range"
+                )
             views.append(tensor.movedim(block_dim, 0))
         first = views[0]
         self.device = first.device
@@ -55,7 +69,7 @@ class BlockLayout:
             nbytes = view[0].numel() * view.element_size()
             if nbytes == 0:
                 raise ValueError(f"KV part {i} has empty blocks")
-            parts.append(Part(view, offset, nbytes))
+            parts.append(Part(_as_integers(view), view.dtype, offset, nbytes))
             offset += -(-nbytes // PART_ALIGN) * PART_ALIGN
         self.parts = parts
         self.slot_bytes = offset
@@ -63,7 +77,7 @@ class BlockLayout:
     def signature(self) -> str:
         """Shapes and dtypes of one block in every part: equal signatures mean blocks can
         move between two engines' caches byte for byte."""
-        return ";".join(f"{p.view.dtype}{list(p.view.shape[1:])}" for p in self.parts)
+        return ";".join(f"{p.dtype}{list(p.view.shape[1:])}" for p in self.parts)
 
     def check_blocks(self, blocks: Sequence[int]) -> None:
         seen: set[int] = set()

@@ -144,7 +144,9 @@ class SpillStore:
             self._counters.stored_blocks += len(chosen)
             self._counters.skipped_blocks += len(blocks) - len(chosen)
             self._counters.bytes_out += len(chosen) * self.layout.slot_bytes
-            return self._track(Transfer(completion, lambda: self.tier.index.commit(self.tier.proc, reserved), len(chosen)))
+            return self._track(
+                Transfer(completion, lambda: self.tier.index.commit(self.tier.proc, reserved), len(chosen))
+            )
 
     def lookup(self, keys: Sequence[BlockHash]) -> int:
         """How many leading ``keys`` the tier holds (a prefix match)."""
@@ -168,7 +170,9 @@ class SpillStore:
                 raise
             self._counters.retrieved_blocks += len(slots)
             self._counters.bytes_in += len(slots) * self.layout.slot_bytes
-            return self._track(Transfer(completion, lambda: self.tier.index.unpin(self.tier.proc, slots), len(slots)))
+            return self._track(
+                Transfer(completion, lambda: self.tier.index.unpin(self.tier.proc, slots), len(slots))
+            )
 
     def contains(self, key: BlockHash) -> int:
         """ON_DEVICE (0), ON_HOST (1) or ABSENT (-1). A block still being copied to the

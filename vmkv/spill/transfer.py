@@ -109,7 +109,9 @@ class StreamMover:
     """Copies for KV tensors on a CUDA or Ascend device: staged, double-buffered and
     asynchronous on two dedicated streams."""
 
-    def __init__(self, layout: BlockLayout, tier: HostTier, staging_bytes: int = DEFAULT_STAGING_BYTES) -> None:
+    def __init__(
+        self, layout: BlockLayout, tier: HostTier, staging_bytes: int = DEFAULT_STAGING_BYTES
+    ) -> None:
         import torch
 
         self.layout = layout
@@ -120,7 +122,8 @@ class StreamMover:
         self.chunk_blocks = max(1, staging_bytes // 2 // stride)
         with self._api.device(self.device):
             self._buffers = [
-                torch.empty((self.chunk_blocks, stride), dtype=torch.uint8, device=self.device) for _ in range(2)
+                torch.empty((self.chunk_blocks, stride), dtype=torch.uint8, device=self.device)
+                for _ in range(2)
             ]
             self._gather_stream = self._api.Stream(self.device)
             self._copy_stream = self._api.Stream(self.device)

@@ -1,0 +1,290 @@
+"""The spill store in one process on the host backend: round trips, eviction order,
+capacity, keys and bad input."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from spill_helpers import DTYPES, LAYOUTS, block_matches, fill_block, make_kv
+
+from vmkv.spill import ABSENT, ON_DEVICE, ON_HOST, Namespace, SegmentError, SpillStore, SpillTierFull
+from vmkv.spill.host_tier import user_tiers
+from vmkv.vmm_ops import open_vmm
+
+NS = Namespace("test/model", "auto", 16, hash_seed="t")
+
+
+@pytest.fixture
+def namespace(request: pytest.FixtureRequest) -> Namespace:
+    """A namespace private to the test, so tests never share a tier by accident."""
+    return Namespace(f"model-{request.node.name}-{os.getpid()}", "auto", 16)
+
+
+def open_store(tensors, block_dim, namespace, slots: int, **kwargs) -> SpillStore:
+    probe = SpillStore(tensors, namespace, block_dim, capacity_bytes=1 << 30, **kwargs)
+    slot_bytes = probe.layout.slot_bytes
+    probe.close()
+    return SpillStore(tensors, namespace, block_dim, capacity_bytes=slots * slot_bytes, **kwargs)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_round_trip_is_bit_exact(layout, dtype, namespace):
+    tensors, block_dim = make_kv(layout, 32, dtype)
+    for block in range(1, 32):
+        fill_block(tensors, block_dim, block, seed=block)
+    store = open_store(tensors, block_dim, namespace, slots=64)
+    try:
+        assert store.store([f"h{b}" for b in range(1, 11)], list(range(1, 11))).done()
+        for t in tensors:
+            t.zero_()
+        store.retrieve([f"h{b}" for b in range(1, 11)], list(range(21, 31))).wait()
+        for b in range(1, 11):
+            assert block_matches(tensors, block_dim, 20 + b, seed=b)
+        assert not tensors[0].select(block_dim, 11).any()  # untouched blocks stay untouched
+    finally:
+        store.close()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    pairs=st.lists(
+        st.tuples(st.integers(1, 47), st.integers(0, 10**6)),
+        min_size=1,
+        max_size=20,
+        unique_by=lambda p: p[0],
+    ),
+    targets=st.permutations(list(range(1, 48))),
+)
+def test_random_round_trips(pairs, targets):
+    tensors, block_dim = make_kv("vllm", 48, torch.bfloat16)
+    blocks = [b for b, _ in pairs]
+    for block, seed in pairs:
+        fill_block(tensors, block_dim, block, seed)
+    namespace = Namespace(f"random-{os.getpid()}", "auto", 16)
+    store = open_store(tensors, block_dim, namespace, slots=64)
+    try:
+        store.store([f"k{seed}-{b}" for b, seed in pairs], blocks)
+        into = targets[: len(pairs)]
+        store.retrieve([f"k{seed}-{b}" for b, seed in pairs], into).wait()
+        for (_, seed), target in zip(pairs, into, strict=True):
+            assert block_matches(tensors, block_dim, target, seed)
+    finally:
+        store.close()
+
+
+def test_lookup_counts_leading_hits_and_contains(namespace):
+    tensors, block_dim = make_kv("flat", 16, torch.float16)
+    on_device = {b"resident"}
+    store = SpillStore(tensors, namespace, capacity_bytes=1 << 20, device_lookup=lambda k: k in on_device)
+    try:
+        store.store([b"a", b"b", b"c"], [1, 2, 3])
+        assert store.lookup([b"a", b"b", b"c", b"d"]) == 3
+        assert store.lookup([b"a", b"x", b"c"]) == 1
+        assert store.lookup([b"x", b"a"]) == 0
+        assert store.contains(b"a") == ON_HOST
+        assert store.contains(b"resident") == ON_DEVICE
+        assert store.contains(b"zzz") == ABSENT
+        stats = store.stats()
+        assert stats["valid"] == 3 and stats["hits"] == 4 and stats["misses"] == 3
+        # the same hash as int, str or bytes names different keys; none collide
+        assert store.lookup([97]) == 0 and store.lookup(["a"]) == 0
+    finally:
+        store.close()
+
+
+def test_storing_a_present_key_is_skipped(namespace):
+    tensors, block_dim = make_kv("flat", 16, torch.float16)
+    fill_block(tensors, block_dim, 1, seed=1)
+    fill_block(tensors, block_dim, 2, seed=2)
+    store = open_store(tensors, block_dim, namespace, slots=4)
+    try:
+        assert store.store([b"k"], [1]).blocks == 1
+        assert store.store([b"k", b"k"], [2, 3]).blocks == 0  # first copy wins, repeats too
+        store.retrieve([b"k"], [5]).wait()
+        assert block_matches(tensors, block_dim, 5, seed=1)
+        assert store.stats()["skipped_blocks"] == 2
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    ("policy", "survivor"),
+    [("lru", b"a"), ("fifo", b"d"), ("lfu", b"a")],
+)
+def test_eviction_policy_picks_the_victim(policy, survivor, namespace):
+    tensors, block_dim = make_kv("flat", 16, torch.float16)
+    store = open_store(tensors, block_dim, namespace, slots=3, policy=policy)
+    try:
+        store.store([b"a", b"b", b"c"], [1, 2, 3])
+        assert store.lookup([b"a"]) == 1  # a is now the most recent and most used
+        store.store([b"d"], [4])  # one of a, b, c must go
+        kept = {key for key in (b"a", b"b", b"c", b"d") if store.contains(key) == ON_HOST}
+        assert len(kept) == 3 and b"d" in kept
+        expected_victim = {"lru": b"b", "fifo": b"a", "lfu": b"b"}[policy]
+        assert expected_victim not in kept and survivor in kept
+        assert store.stats()["evictions"] == 1
+    finally:
+        store.close()
+
+
+def test_lru_order_over_many_inserts(namespace):
+    tensors, block_dim = make_kv("flat", 64, torch.float16)
+    store = open_store(tensors, block_dim, namespace, slots=8)
+    try:
+        for i in range(8):
+            store.store([i], [i + 1])
+        for i in (0, 2, 4):
+            assert store.lookup([i]) == 1
+        store.store([100, 101, 102], [20, 21, 22])  # evicts the three least recent: 1, 3, 5
+        assert [store.contains(i) == ON_HOST for i in range(8)] == [
+            True,
+            False,
+            True,
+            False,
+            True,
+            False,
+            True,
+            True,
+        ]
+        assert store.stats()["valid"] == 8
+    finally:
+        store.close()
+
+
+def test_full_tier_raises_and_changes_nothing(namespace):
+    tensors, block_dim = make_kv("flat", 16, torch.float16)
+    store = open_store(tensors, block_dim, namespace, slots=2)
+    try:
+        store.store([b"a", b"b"], [1, 2])
+        with pytest.raises(SpillTierFull, match="no room for 3"):
+            store.store([b"c", b"d", b"e"], [3, 4, 5])
+        assert store.lookup([b"a", b"b"]) == 2
+        assert store.stats()["valid"] == 2 and store.stats()["writing"] == 0
+    finally:
+        store.close()
+
+
+def test_pinned_slots_are_not_evicted(namespace):
+    tensors, block_dim = make_kv("flat", 16, torch.float16)
+    store = open_store(tensors, block_dim, namespace, slots=2)
+    index, proc = store.tier.index, store.tier.proc
+    try:
+        store.store([b"a", b"b"], [1, 2])
+        slots, missing = index.pin(proc, [store._keys_for([b"a"], [1])[0]])  # a read in flight
+        assert missing == -1
+        store.store([b"c"], [3])
+        assert store.contains(b"a") == ON_HOST and store.contains(b"b") == ABSENT
+        with pytest.raises(SpillTierFull):
+            store.store([b"d", b"e"], [4, 5])
+        index.unpin(proc, slots)
+        store.store([b"d", b"e"], [4, 5])
+        assert store.contains(b"a") == ABSENT
+    finally:
+        store.close()
+
+
+def test_namespaces_never_share_keys():
+    tensors, block_dim = make_kv("flat", 16, torch.float16)
+    fill_block(tensors, block_dim, 1, seed=1)
+    stores = [
+        SpillStore(tensors, Namespace(model, dtype, size), capacity_bytes=1 << 20)
+        for model, dtype, size in [
+            ("m1", "auto", 16),
+            ("m2", "auto", 16),
+            ("m1", "fp8", 16),
+            ("m1", "auto", 32),
+        ]
+    ]
+    other_layout = SpillStore(
+        make_kv("flat", 16, torch.bfloat16)[0], Namespace("m1", "auto", 16), capacity_bytes=1 << 20
+    )
+    try:
+        stores[0].store([b"same-hash"], [1])
+        assert stores[0].contains(b"same-hash") == ON_HOST
+        for other in [*stores[1:], other_layout]:
+            assert other.tier.name != stores[0].tier.name
+            assert other.contains(b"same-hash") == ABSENT
+    finally:
+        for store in [*stores, other_layout]:
+            store.close()
+
+
+def test_bad_input_is_a_clear_error(namespace):
+    tensors, block_dim = make_kv("flat", 16, torch.float16)
+    store = SpillStore(tensors, namespace, capacity_bytes=1 << 20)
+    try:
+        with pytest.raises(ValueError, match="2 keys for 1 blocks"):
+            store.store([b"a", b"b"], [1])
+        with pytest.raises(ValueError, match="out of range"):
+            store.store([b"a"], [16])
+        with pytest.raises(ValueError, match="listed twice"):
+            store.store([b"a", b"b"], [3, 3])
+        with pytest.raises(ValueError, match="not an integer"):
+            store.store([b"a"], [1.5])
+        with pytest.raises(TypeError, match="block hash"):
+            store.store([None], [1])
+        with pytest.raises(KeyError, match="not in the spill tier"):
+            store.retrieve([b"never-stored"], [1])
+        assert store.stats()["valid"] == 0 and store.stats()["pinned"] == 0
+    finally:
+        store.close()
+    with pytest.raises(ValueError, match="unknown eviction policy"):
+        SpillStore(tensors, namespace, policy="random")
+    with pytest.raises(ValueError, match="has 8 blocks"):
+        SpillStore([tensors[0], torch.zeros(8, 16, 4, 32)], namespace)
+    with pytest.raises(ValueError, match="holds no block"):
+        SpillStore(tensors, namespace, capacity_bytes=100)
+    with pytest.raises(ValueError, match="block_size"):
+        Namespace("m", "auto", 0)
+
+
+def test_segment_is_private_and_removed_by_the_last_user(namespace):
+    tensors, block_dim = make_kv("flat", 16, torch.float16)
+    first = SpillStore(tensors, namespace, capacity_bytes=1 << 20)
+    second = SpillStore(tensors, namespace, capacity_bytes=1 << 20)
+    path = Path("/dev/shm") / first.tier.name.lstrip("/")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert first.tier.name in user_tiers() and first.stats()["attached"] == 2
+    first.close()
+    assert path.exists()
+    second.close()
+    assert not path.exists()
+
+
+def test_corrupted_segment_is_refused(namespace):
+    tensors, block_dim = make_kv("flat", 16, torch.float16)
+    store = SpillStore(tensors, namespace, capacity_bytes=1 << 20)
+    path = Path("/dev/shm") / store.tier.name.lstrip("/")
+    try:
+        with open(path, "r+b") as segment:
+            segment.write(b"NOTVMKV!")  # the magic number
+        with pytest.raises(SegmentError, match="bad magic"):
+            store.lookup([b"a"])
+        with pytest.raises(SegmentError, match="bad magic"):
+            SpillStore(tensors, namespace, capacity_bytes=1 << 20)
+    finally:
+        path.unlink()
+
+
+def test_tier_is_page_locked_through_the_acl_driver(namespace):
+    """On a device backend each process registers its mapping of the tier with the
+    driver (here the ACL shim, which counts registrations) and undoes it on close."""
+    shim = ctypes.CDLL(os.environ["VMKV_ACL_LIBRARY"])
+    vmm = open_vmm("acl")
+    before = shim.vmkv_shim_host_registrations()
+    tensors, block_dim = make_kv("flat", 16, torch.float16)
+    store = SpillStore(tensors, namespace, capacity_bytes=1 << 20, vmm=vmm)
+    try:
+        assert shim.vmkv_shim_host_registrations() == before + 1
+    finally:
+        store.close()
+        assert shim.vmkv_shim_host_registrations() == before
+        vmm.close()
