@@ -88,7 +88,7 @@ def test_writer_killed_mid_transfer_never_corrupts_the_tier():
 def test_reclaim_spills_cold_prefix_and_a_later_hit_reloads_it():
     page = 1 << 20
     name = f"/vmkv-{os.getuid()}-spilltest{os.getpid()}"
-    segment = Segment.open_or_create(name, page, lambda: 160 * page)
+    Segment.open_or_create(name, page, lambda: 160 * page)
     try:
         engine = spawn(name, "engine", f"toy-{os.getpid()}")
         # The engine holds its prefix's pages; a second instance then needs most of the budget.
@@ -111,7 +111,7 @@ def test_reclaim_spills_cold_prefix_and_a_later_hit_reloads_it():
         assert json.loads(greedy.stdout.readline())["ready"]
         reached = json.loads(greedy.stdout.readline())
         assert reached["held_bytes"] >= 150 * page, reached
-        out, err = greedy.communicate(timeout=60)
+        _out, err = greedy.communicate(timeout=60)
         assert greedy.returncode == 0, err
         engine.stdin.write("go\n")
         engine.stdin.flush()
@@ -126,7 +126,7 @@ def test_reclaim_spills_cold_prefix_and_a_later_hit_reloads_it():
 def test_torch_tensors_are_not_needed_to_find_blocks():
     """Keys, not tensors, name blocks: a fresh store of the same namespace sees them."""
     model = f"fresh-{os.getpid()}"
-    first, tensors, block_dim = worker_store(model, 8, slots=8)
+    first, tensors, _block_dim = worker_store(model, 8, slots=8)
     tensors[0][1].fill_(3)
     first.store(["k-a"], [1])
     second, other_tensors, _ = worker_store(model, 8, slots=8)

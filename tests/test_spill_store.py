@@ -4,12 +4,16 @@ capacity, keys and bad input."""
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_python
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from spill_helpers import DTYPES, LAYOUTS, block_matches, fill_block, make_kv
@@ -81,7 +85,7 @@ def test_random_round_trips(pairs, targets):
 
 
 def test_lookup_counts_leading_hits_and_contains(namespace):
-    tensors, block_dim = make_kv("flat", 16, torch.float16)
+    tensors, _block_dim = make_kv("flat", 16, torch.float16)
     on_device = {b"resident"}
     store = SpillStore(tensors, namespace, capacity_bytes=1 << 20, device_lookup=lambda k: k in on_device)
     try:
@@ -218,7 +222,7 @@ def test_namespaces_never_share_keys():
 
 
 def test_bad_input_is_a_clear_error(namespace):
-    tensors, block_dim = make_kv("flat", 16, torch.float16)
+    tensors, _block_dim = make_kv("flat", 16, torch.float16)
     store = SpillStore(tensors, namespace, capacity_bytes=1 << 20)
     try:
         with pytest.raises(ValueError, match="2 keys for 1 blocks"):
@@ -247,7 +251,7 @@ def test_bad_input_is_a_clear_error(namespace):
 
 
 def test_segment_is_private_and_removed_by_the_last_user(namespace):
-    tensors, block_dim = make_kv("flat", 16, torch.float16)
+    tensors, _block_dim = make_kv("flat", 16, torch.float16)
     first = SpillStore(tensors, namespace, capacity_bytes=1 << 20)
     second = SpillStore(tensors, namespace, capacity_bytes=1 << 20)
     path = Path("/dev/shm") / first.tier.name.lstrip("/")
@@ -260,7 +264,7 @@ def test_segment_is_private_and_removed_by_the_last_user(namespace):
 
 
 def test_corrupted_segment_is_refused(namespace):
-    tensors, block_dim = make_kv("flat", 16, torch.float16)
+    tensors, _block_dim = make_kv("flat", 16, torch.float16)
     store = SpillStore(tensors, namespace, capacity_bytes=1 << 20)
     path = Path("/dev/shm") / store.tier.name.lstrip("/")
     try:
@@ -280,7 +284,7 @@ def test_tier_is_page_locked_through_the_acl_driver(namespace):
     shim = ctypes.CDLL(os.environ["VMKV_ACL_LIBRARY"])
     vmm = open_vmm("acl")
     before = shim.vmkv_shim_host_registrations()
-    tensors, block_dim = make_kv("flat", 16, torch.float16)
+    tensors, _block_dim = make_kv("flat", 16, torch.float16)
     store = SpillStore(tensors, namespace, capacity_bytes=1 << 20, vmm=vmm)
     try:
         assert shim.vmkv_shim_host_registrations() == before + 1
@@ -288,3 +292,31 @@ def test_tier_is_page_locked_through_the_acl_driver(namespace):
         store.close()
         assert shim.vmkv_shim_host_registrations() == before
         vmm.close()
+
+
+def test_cli_lists_tiers_and_reset_removes_only_abandoned_ones(namespace):
+    cli = [sys.executable, "-m", "vmkv"]
+    tensors, _ = make_kv("flat", 16, torch.float16)
+    live = SpillStore(tensors, namespace, capacity_bytes=1 << 20)
+    live.store([b"a"], [1])
+    crashed = run_python(
+        "import os, torch\n"
+        "from vmkv.spill import Namespace, SpillStore\n"
+        "kv = [torch.zeros(16, 16, 4, 32, dtype=torch.float16)]\n"
+        f"s = SpillStore(kv, Namespace('{namespace.model}-gone', 'auto', 16), capacity_bytes=1 << 20)\n"
+        "print(s.tier.name, flush=True)\n"
+        "os._exit(0)  # no close: the tier is left behind\n"
+    )
+    abandoned = crashed.stdout.strip()
+    assert crashed.returncode == 0 and abandoned in user_tiers(), crashed.stderr
+    try:
+        listing = json.loads(subprocess.run([*cli, "ls", "--json"], capture_output=True, text=True).stdout)
+        tiers = {t["segment"]: t for t in listing["spill_tiers"]}
+        assert tiers[live.tier.name]["valid"] == 1 and tiers[live.tier.name]["attached"] == 1
+        assert tiers[abandoned]["attached"] == 0  # swept: its process is gone
+        reset = subprocess.run([*cli, "reset"], capture_output=True, text=True)
+        assert reset.returncode == 1 and f"{live.tier.name}: spill tier in use" in reset.stderr
+        assert abandoned not in user_tiers() and live.tier.name in user_tiers()
+        assert live.lookup([b"a"]) == 1
+    finally:
+        live.close()

@@ -104,9 +104,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if args.prom:
         print(render(lambda: _segments(args.segment)), end="")
     elif args.json:
-        print(json.dumps({"segments": _listing(args.segment)}))
+        print(json.dumps({"segments": _listing(args.segment), "spill_tiers": _spill_listing()}))
     else:
         _print_listing(_listing(args.segment))
+        _print_spill_listing(_spill_listing())
     return 0
 
 
@@ -151,9 +152,51 @@ def cmd_budget(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_reset(args: argparse.Namespace) -> int:
-    """Remove this user's segments that no live instance uses; refuse the others."""
+def _spill_listing() -> list[dict[str, Any]]:
+    from vmkv.spill import SegmentError as SpillSegmentError
+    from vmkv.spill import tier_stats, user_tiers
+
+    out: list[dict[str, Any]] = []
+    for name in user_tiers():
+        try:
+            out.append({"segment": name, **tier_stats(name)})
+        except SpillSegmentError as error:
+            out.append({"segment": name, "error": str(error)})
+    return out
+
+
+def _print_spill_listing(tiers: list[dict[str, Any]]) -> None:
+    for tier in tiers:
+        if "error" in tier:
+            print(f"{tier['segment']}: unusable spill tier ({tier['error']})")
+            continue
+        print(
+            f"{tier['segment']}: spill tier, {tier['valid']}/{tier['slot_count']} blocks of "
+            f"{format_size(tier['slot_bytes'])}, {tier['attached']} processes, hits {tier['hits']}, "
+            f"misses {tier['misses']}, evictions {tier['evictions']}"
+        )
+
+
+def _reset_spill_tiers() -> int:
+    """Remove spill tiers no live process has attached; refuse the others."""
+    from vmkv.spill.host_tier import remove_tier
+
     status = 0
+    for tier in _spill_listing():
+        if tier.get("attached", 0) > 0:
+            in_use = f"spill tier in use by {tier['attached']} processes; not removed"
+            print(f"{tier['segment']}: {in_use}", file=sys.stderr)
+            status = 1
+            continue
+        remove_tier(tier["segment"])
+        print(f"{tier['segment']}: removed")
+    return status
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    """Remove this user's segments and spill tiers that no live process uses; refuse the
+    others."""
+    status = 0 if args.segment else _reset_spill_tiers()
     for name in [args.segment] if args.segment else user_segments():
         try:
             segment = Segment.attach(name)

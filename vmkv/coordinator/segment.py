@@ -45,7 +45,8 @@ def remove_segment(name: str) -> None:
 def user_segments(uid: int | None = None) -> list[str]:
     """Names of this user's coordinator segments (doorbells live in /dev/shm as sem.*)."""
     prefix = f"vmkv-{os.getuid() if uid is None else uid}-"
-    return sorted(f"/{p.name}" for p in SHM_DIR.glob(prefix + "*"))
+    spill = prefix + "spill-"  # the spill tiers share the prefix (vmkv.spill.host_tier)
+    return sorted(f"/{p.name}" for p in SHM_DIR.glob(prefix + "*") if not p.name.startswith(spill))
 
 
 def check_private(path: Path) -> None:

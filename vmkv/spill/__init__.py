@@ -2,7 +2,7 @@
 come back on a prefix hit, for every instance of the same model on the node."""
 
 from vmkv.spill._index import SegmentError
-from vmkv.spill.host_tier import user_tiers
+from vmkv.spill.host_tier import tier_stats, user_tiers
 from vmkv.spill.keys import Namespace
 from vmkv.spill.store import ABSENT, ON_DEVICE, ON_HOST, SpillStore, SpillTierFull, Transfer
 
@@ -15,5 +15,6 @@ __all__ = [
     "SpillStore",
     "SpillTierFull",
     "Transfer",
+    "tier_stats",
     "user_tiers",
 ]

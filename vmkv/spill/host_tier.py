@@ -1,12 +1,12 @@
 """The host tier's memory: one shared-memory segment per namespace, index then slots.
 
-The segment lives in /dev/shm, mode 0600, named ``/vmkv-<uid>-spill-<digest>``, so every
-instance of the same namespace on the node maps the same slots and finds the blocks the
-others spilled. Its memory is committed with fallocate when it is created: a tier larger
-than what /dev/shm can hold fails then, with an error naming VMKV_CPU_BYTES, instead of
-raising SIGBUS inside an engine later. On CUDA and Ascend each process page-locks its
-mapping through its Vmm (cuMemHostRegister, aclrtHostRegister), so copies to and from
-the device are asynchronous DMA at full speed.
+The segment is a file in /dev/shm (or VMKV_SPILL_DIR), mode 0600, named
+``vmkv-<uid>-spill-<digest>``, so every instance of the same namespace on the node maps
+the same slots and finds the blocks the others spilled. Its memory is committed with
+fallocate when it is created: a tier larger than its tmpfs can hold fails then, with an
+error naming VMKV_CPU_BYTES, instead of raising SIGBUS inside an engine later. On CUDA
+and Ascend each process page-locks its mapping through its Vmm (cuMemHostRegister,
+aclrtHostRegister), so copies to and from the device are asynchronous DMA at full speed.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ import logging
 import mmap
 import os
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
-
-import posix_ipc
 
 from vmkv.coordinator.segment import SHM_DIR, check_private
 from vmkv.spill._index import Index, Policy, SegmentError, geometry
@@ -33,6 +32,11 @@ INIT_WAIT_S = 2.0
 HEADER_PROBE_BYTES = 4096  # the index header fits in the first page
 
 
+def spill_dir() -> Path:
+    """Where tiers live: VMKV_SPILL_DIR, or /dev/shm (a tmpfs, like POSIX shared memory)."""
+    return Path(os.environ.get("VMKV_SPILL_DIR") or SHM_DIR)
+
+
 def tier_name(namespace_digest: bytes, uid: int | None = None) -> str:
     return f"/vmkv-{os.getuid() if uid is None else uid}-spill-{namespace_digest.hex()[:24]}"
 
@@ -40,7 +44,23 @@ def tier_name(namespace_digest: bytes, uid: int | None = None) -> str:
 def user_tiers(uid: int | None = None) -> list[str]:
     """Names of this user's spill segments."""
     prefix = f"vmkv-{os.getuid() if uid is None else uid}-spill-"
-    return sorted(f"/{p.name}" for p in SHM_DIR.glob(prefix + "*"))
+    return sorted(f"/{p.name}" for p in spill_dir().glob(prefix + "*"))
+
+
+def remove_tier(name: str) -> None:
+    (spill_dir() / name.lstrip("/")).unlink(missing_ok=True)
+
+
+def tier_stats(name: str) -> dict[str, int]:
+    """The counters of an existing tier, after dropping dead processes (for the CLI)."""
+    path = spill_dir() / name.lstrip("/")
+    check_private(path)
+    with open(path, "r+b") as segment:
+        mapping = mmap.mmap(segment.fileno(), os.fstat(segment.fileno()).st_size)
+    anchor = ctypes.c_char.from_buffer(mapping)
+    index = Index(anchor, ctypes.addressof(anchor), len(mapping))
+    index.sweep()
+    return index.stats()
 
 
 class HostTier:
@@ -57,15 +77,14 @@ class HostTier:
         import torch
 
         self.name = tier_name(namespace_digest)
+        self.path = spill_dir() / self.name.lstrip("/")
         slot_count = capacity_bytes // slot_bytes
         if slot_count <= 0:
-            raise ValueError(
-                f"VMKV_CPU_BYTES={capacity_bytes} holds no block of {slot_bytes} bytes; raise it"
-            )
-        memory, created = self._open(slot_count, slot_bytes)
-        size = memory.size
-        self._mmap = mmap.mmap(memory.fd, size)
-        memory.close_fd()
+            raise ValueError(f"VMKV_CPU_BYTES={capacity_bytes} holds no {slot_bytes}-byte block; raise it")
+        fd, created = self._open(slot_count, slot_bytes)
+        size = os.fstat(fd).st_size
+        self._mmap = mmap.mmap(fd, size)
+        os.close(fd)
         self._anchor = ctypes.c_char.from_buffer(self._mmap)
         self.index = Index(self._anchor, ctypes.addressof(self._anchor), size)
         if created:
@@ -93,29 +112,33 @@ class HostTier:
                 self._vmm = None
         self.proc = self.index.attach(os.getpid())
 
-    def _open(self, slot_count: int, slot_bytes: int) -> tuple[posix_ipc.SharedMemory, bool]:
+    def _open(self, slot_count: int, slot_bytes: int) -> tuple[int, bool]:
+        """(file descriptor, created) of the segment file."""
         total = geometry(slot_count, slot_bytes)["total_bytes"]
         try:
-            memory = posix_ipc.SharedMemory(self.name, posix_ipc.O_CREX, mode=0o600, size=total)
-        except posix_ipc.ExistentialError:
-            check_private(SHM_DIR / self.name.lstrip("/"))
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            check_private(self.path)
+            fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW)
             deadline = time.monotonic() + INIT_WAIT_S
-            while (size := (SHM_DIR / self.name.lstrip("/")).stat().st_size) < HEADER_PROBE_BYTES:
+            while (size := os.fstat(fd).st_size) < HEADER_PROBE_BYTES:
                 if time.monotonic() > deadline:  # its creator sizes it right after creating it
-                    raise SegmentError(f"{self.name} is {size} bytes: not a vmkv spill tier") from None
+                    os.close(fd)
+                    raise SegmentError(f"{self.path} is {size} bytes: not a vmkv spill tier") from None
                 time.sleep(0.01)
-            return posix_ipc.SharedMemory(self.name), False
+            return fd, False
         try:
-            os.posix_fallocate(memory.fd, 0, total)
+            os.posix_fallocate(fd, 0, total)
         except OSError as error:
-            memory.close_fd()
-            posix_ipc.unlink_shared_memory(self.name)
-            free = os.statvfs(SHM_DIR).f_bavail * os.statvfs(SHM_DIR).f_frsize
+            os.close(fd)
+            self.path.unlink()
+            stats = os.statvfs(self.path.parent)
             raise ValueError(
-                f"cannot commit a {total}-byte spill tier in {SHM_DIR} ({free} bytes free): "
-                f"{error.strerror}; lower VMKV_CPU_BYTES"
+                f"cannot commit a {total}-byte spill tier in {self.path.parent} "
+                f"({stats.f_bavail * stats.f_frsize} bytes free): {error.strerror}; lower VMKV_CPU_BYTES "
+                "or point VMKV_SPILL_DIR at a larger tmpfs"
             ) from None
-        return memory, True
+        return fd, True
 
     def _wait_initialized(self) -> None:
         deadline = time.monotonic() + INIT_WAIT_S
@@ -133,9 +156,5 @@ class HostTier:
         if self._vmm is not None:
             self._vmm.unregister_host(self.data_address)
             self._vmm = None
-        remaining = self.index.detach(self.proc)
-        if remaining == 0:
-            try:
-                posix_ipc.unlink_shared_memory(self.name)
-            except posix_ipc.ExistentialError:
-                log.debug("spill tier %s was already removed", self.name)
+        if self.index.detach(self.proc) == 0:
+            remove_tier(self.name)
