@@ -83,7 +83,8 @@ class HostTier:
             raise ValueError(f"VMKV_CPU_BYTES={capacity_bytes} holds no {slot_bytes}-byte block; raise it")
         fd, created = self._open(slot_count, slot_bytes)
         size = os.fstat(fd).st_size
-        self._mmap = mmap.mmap(fd, size)
+        # Populated up front: first-touch faults would otherwise halve the first copies.
+        self._mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
         os.close(fd)
         self._anchor = ctypes.c_char.from_buffer(self._mmap)
         self.index = Index(self._anchor, ctypes.addressof(self._anchor), size)

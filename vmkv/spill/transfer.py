@@ -88,20 +88,18 @@ class HostMover:
         import torch
 
         for run in runs:
-            rows = self.tier.run(run.first_slot, len(run.blocks))
-            index = torch.tensor(run.blocks, dtype=torch.long)
+            rows, index = self.tier.run(run.first_slot, len(run.blocks)), torch.tensor(run.blocks)
             for i, part in enumerate(self.layout.parts):
-                torch.index_select(part.view, 0, index, out=_part_view(rows, i, self.layout))
+                _part_view(rows, i, self.layout).copy_(part.view.index_select(0, index))
         return _Done()
 
     def load(self, runs: list[Run]) -> Completion:
         import torch
 
         for run in runs:
-            rows = self.tier.run(run.first_slot, len(run.blocks))
-            index = torch.tensor(run.blocks, dtype=torch.long)
+            rows, index = self.tier.run(run.first_slot, len(run.blocks)), torch.tensor(run.blocks)
             for i, part in enumerate(self.layout.parts):
-                part.view.index_copy_(0, index, _part_view(rows, i, self.layout))
+                part.view.index_put_((index,), _part_view(rows, i, self.layout))
         return _Done()
 
 
@@ -195,7 +193,7 @@ class StreamMover:
                 gather.wait_event(copied)
                 chunk_index = index[offset : offset + count]
                 for i, part in enumerate(self.layout.parts):
-                    part.view.index_copy_(0, chunk_index, _part_view(rows, i, self.layout))
+                    part.view.index_put_((chunk_index,), _part_view(rows, i, self.layout))
                 self._buffer_free[buffer] = self._event(gather)
         return self._event(gather)
 
