@@ -15,6 +15,13 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 
+# The spill tier lives in /dev/shm; containers often give it little room.
+shm_free=$(df --output=avail -B1 /dev/shm | tail -1)
+if [ "$shm_free" -lt $((24 << 30)) ]; then
+  export VMKV_SPILL_DIR=/tmp
+  echo "/dev/shm has $((shm_free >> 20)) MiB free: spill tiers go to $VMKV_SPILL_DIR" | tee "$OUT/spill_dir.txt"
+fi
+
 python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 python3 -m vmkv info | tee "$OUT/info.txt"
@@ -27,6 +34,7 @@ python3 -m pytest -q -m "not gpu" -p no:cacheprovider tests 2>&1 | tee "$OUT/pyt
 (cd benchmarks && python3 bench_vmm.py --backend cuda --json) 2>&1 | tee "$OUT/bench_vmm_cuda.txt"
 (cd benchmarks && python3 bench_vmm.py --backend cuda --page-mib 32 --json) 2>&1 | tee "$OUT/bench_vmm_cuda_32m.txt"
 (cd benchmarks && python3 bench_alloc.py --backend cuda --json) 2>&1 | tee "$OUT/bench_alloc_cuda.txt"
+(cd benchmarks && python3 bench_spill.py --backend cuda --json) 2>&1 | tee "$OUT/bench_spill_cuda.txt"
 
 echo "== summary =="
 grep -E "passed|failed" "$OUT/pytest-gpu.log" | tail -1 | sed 's/^/gpu tests:  /'
@@ -38,5 +46,13 @@ for path in sys.argv[1:]:
     for r in result["rows"]:
         print(f"{result['page_size'] >> 20:3} MiB pages, batch {r['batch']:4}: map {r['vmkv_map_us']:.2f} us/page, "
               f"{r['map_vs_floor']:.2f}x pooled floor, naive {r['naive_vs_map']:.2f}x slower")
+PY
+python3 - "$OUT/bench_spill_cuda.txt" <<'PY'
+import json, sys
+result = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+print(f"spill tier pinned: {result['tier_pinned']}, staging chunk {result['staging_chunk_blocks']} blocks")
+for r in result["rows"]:
+    print(f"spill {r['blocks']:5} blocks: {r['spill_gbps']:.1f} GB/s ({r['spill_vs_floor']:.2f}x floor), "
+          f"restore {r['restore_gbps']:.1f} GB/s ({r['restore_vs_floor']:.2f}x floor)")
 PY
 exit $status

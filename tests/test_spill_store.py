@@ -244,7 +244,7 @@ def test_bad_input_is_a_clear_error(namespace):
         SpillStore(tensors, namespace, policy="random")
     with pytest.raises(ValueError, match="has 8 blocks"):
         SpillStore([tensors[0], torch.zeros(8, 16, 4, 32)], namespace)
-    with pytest.raises(ValueError, match="holds no block"):
+    with pytest.raises(ValueError, match="holds no 4096-byte block"):
         SpillStore(tensors, namespace, capacity_bytes=100)
     with pytest.raises(ValueError, match="block_size"):
         Namespace("m", "auto", 0)
