@@ -27,7 +27,7 @@ lint: install
 	$(VENV)/bin/ruff format --check vmkv tests benchmarks setup.py
 
 bench: install
-	cd benchmarks && ../$(PY) bench_vmm.py --backend host --json && ../$(PY) bench_alloc.py --json && ../$(PY) bench_coordinator.py --json
+	cd benchmarks && ../$(PY) bench_vmm.py --backend host --json && ../$(PY) bench_alloc.py --json && ../$(PY) bench_coordinator.py --json && ../$(PY) bench_spill.py --backend host --json
 
 # On the GPU machine (see README): build there, run GPU tests and CUDA benchmarks.
 gpu-check:
