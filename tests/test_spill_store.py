@@ -18,7 +18,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from spill_helpers import DTYPES, LAYOUTS, block_matches, fill_block, make_kv
 
-from vmkv.spill import ABSENT, ON_DEVICE, ON_HOST, Namespace, SegmentError, SpillStore, SpillTierFull
+from vmkv.spill import (
+    ABSENT,
+    ON_DEVICE,
+    ON_HOST,
+    Namespace,
+    SegmentError,
+    SpillStore,
+    SpillTierFull,
+    Transfer,
+)
 from vmkv.spill.host_tier import user_tiers
 from vmkv.vmm_ops import open_vmm
 
@@ -320,3 +329,36 @@ def test_cli_lists_tiers_and_reset_removes_only_abandoned_ones(namespace):
         assert live.lookup([b"a"]) == 1
     finally:
         live.close()
+
+
+class _FailedCopy:
+    """A device copy that reports an error (what a CUDA fault looks like to a Transfer)."""
+
+    def query(self) -> bool:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def synchronize(self) -> None:
+        self.query()
+
+    def wait(self, stream=None) -> None:
+        return None
+
+
+def test_a_failed_copy_releases_its_slots_unpublished(namespace):
+    tensors, _ = make_kv("flat", 16, torch.float16)
+    store = SpillStore(tensors, namespace, capacity_bytes=1 << 20)
+    index, proc = store.tier.index, store.tier.proc
+    try:
+        key = store._keys_for([b"doomed"], [1])
+        slots = index.reserve(proc, key)
+        commit, abort = (lambda: index.commit(proc, slots)), (lambda: index.abort(proc, slots))
+        transfer = Transfer(_FailedCopy(), finish=commit, abandon=abort, blocks=1)
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            transfer.wait()
+        assert store.contains(b"doomed") == ABSENT
+        assert store.stats()["writing"] == 0 and store.stats()["aborted"] == 1
+        with pytest.raises(RuntimeError):
+            transfer.wait()  # still an error, but the slots are not released twice
+        assert store.stats()["aborted"] == 1
+    finally:
+        store.close()

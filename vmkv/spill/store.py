@@ -44,36 +44,47 @@ def cpu_bytes_from_env() -> int:
 
 
 class Transfer:
-    """One asynchronous store or retrieve. ``finish`` runs exactly once, after the copy."""
+    """One asynchronous store or retrieve. Exactly one of ``finish`` (after the copy) or
+    ``abandon`` (the device reported an error: the slots are released unpublished) runs."""
 
-    def __init__(self, completion: Completion, finish: Callable[[], None], blocks: int) -> None:
+    def __init__(
+        self, completion: Completion, finish: Callable[[], None], abandon: Callable[[], None], blocks: int
+    ) -> None:
         self._completion = completion
         self._finish = finish
+        self._abandon = abandon
         self._finished = False
         self._lock = threading.Lock()
         self.blocks = blocks
 
     def done(self) -> bool:
         """True once the copy is complete and its result is published."""
-        if not self._finished and self._completion.query():
-            self._run_finish()
+        if not self._finished and self._settle(self._completion.query):
+            self._run(self._finish)
         return self._finished
 
     def wait(self) -> None:
         """Block until the copy is complete and published."""
-        self._completion.synchronize()
-        self._run_finish()
+        self._settle(self._completion.synchronize)
+        self._run(self._finish)
+
+    def _settle(self, check: Callable[[], bool | None]) -> bool | None:
+        try:
+            return check()
+        except BaseException:
+            self._run(self._abandon)
+            raise
 
     def fence(self, stream: Any = None) -> None:
         """Make ``stream`` (default: the current one) wait for this transfer on the device,
         without blocking the host: for kernels that read retrieved blocks."""
         self._completion.wait(stream)
 
-    def _run_finish(self) -> None:
+    def _run(self, action: Callable[[], None]) -> None:
         with self._lock:
             if not self._finished:
-                self._finish()
                 self._finished = True
+                action()
 
 
 @dataclass
@@ -144,8 +155,14 @@ class SpillStore:
             self._counters.stored_blocks += len(chosen)
             self._counters.skipped_blocks += len(blocks) - len(chosen)
             self._counters.bytes_out += len(chosen) * self.layout.slot_bytes
+            index, proc = self.tier.index, self.tier.proc
             return self._track(
-                Transfer(completion, lambda: self.tier.index.commit(self.tier.proc, reserved), len(chosen))
+                Transfer(
+                    completion,
+                    finish=lambda: index.commit(proc, reserved),
+                    abandon=lambda: index.abort(proc, reserved),  # never published
+                    blocks=len(chosen),
+                )
             )
 
     def lookup(self, keys: Sequence[BlockHash]) -> int:
@@ -170,9 +187,12 @@ class SpillStore:
                 raise
             self._counters.retrieved_blocks += len(slots)
             self._counters.bytes_in += len(slots) * self.layout.slot_bytes
-            return self._track(
-                Transfer(completion, lambda: self.tier.index.unpin(self.tier.proc, slots), len(slots))
-            )
+            index, proc = self.tier.index, self.tier.proc
+
+            def unpin() -> None:  # after the copy, and after a failed one alike
+                index.unpin(proc, slots)
+
+            return self._track(Transfer(completion, finish=unpin, abandon=unpin, blocks=len(slots)))
 
     def contains(self, key: BlockHash) -> int:
         """ON_DEVICE (0), ON_HOST (1) or ABSENT (-1). A block still being copied to the
