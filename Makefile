@@ -23,8 +23,8 @@ test: install
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check vmkv tests benchmarks setup.py
-	$(VENV)/bin/ruff format --check vmkv tests benchmarks setup.py
+	$(VENV)/bin/ruff check vmkv tests benchmarks engine_integration setup.py
+	$(VENV)/bin/ruff format --check vmkv tests benchmarks engine_integration setup.py
 
 bench: install
 	cd benchmarks && ../$(PY) bench_vmm.py --backend host --json && ../$(PY) bench_alloc.py --json && ../$(PY) bench_coordinator.py --json && ../$(PY) bench_spill.py --backend host --json

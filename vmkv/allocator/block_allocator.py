@@ -84,6 +84,10 @@ class BlockAllocator:
         """Blocks this allocator could still hand out if physical memory allows."""
         return self._free_mapped + len(self._unmapped) * self.blocks_per_page
 
+    def num_free_mapped_blocks(self) -> int:
+        """Free blocks on mapped pages: handed out without mapping anything."""
+        return self._free_mapped
+
     def num_empty_mapped_pages(self) -> int:
         """Mapped pages with no live block: what trim() would give back."""
         return len(self._pages_by_free[self.blocks_per_page])

@@ -111,6 +111,10 @@ class Instance:
         self.table.note_miss(self.slot, self.generation, now - started)
         return False
 
+    def headroom(self) -> int:
+        """Pages ``acquire`` would grant now from free budget, without reclaiming."""
+        return self.table.headroom(self.slot, self.generation)
+
     def release(self, pages: int, held: int, mapped: int) -> None:
         """Give back ``pages`` of lease; ``held``/``mapped`` are what the pool keeps."""
         self.table.release(self.slot, self.generation, pages, held, mapped)

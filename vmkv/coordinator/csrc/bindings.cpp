@@ -104,6 +104,7 @@ PYBIND11_MODULE(_table, m) {
           py::arg("slot"), py::arg("generation"), py::arg("pages"), py::arg("waited_ns") = 0)
       .def("try_grant", &Table::try_grant, py::arg("slot"), py::arg("generation"), py::arg("pages"),
            py::arg("waited_ns"), release_gil())
+      .def("headroom", &Table::headroom, py::arg("slot"), py::arg("generation"), release_gil())
       .def("note_miss", &Table::note_miss, py::arg("slot"), py::arg("generation"), py::arg("waited_ns"),
            release_gil())
       .def("release", &Table::release, py::arg("slot"), py::arg("generation"), py::arg("pages"), py::arg("held"),

@@ -457,6 +457,13 @@ Header Table::header_copy() {
   return segment_->header;
 }
 
+uint64_t Table::headroom(uint32_t slot, uint64_t generation) {
+  Guard guard(*this);
+  const Slot& s = owned(slot, generation);
+  uint64_t below_max = s.max_pages > s.leased ? s.max_pages - s.leased : 0;
+  return std::min(available_to(slot), below_max);
+}
+
 void Table::lock_unlock() { Guard guard(*this); }
 
 void Table::lock_cycles(uint64_t count) {

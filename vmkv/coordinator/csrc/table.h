@@ -123,6 +123,9 @@ class Table {
   RequestResult request(uint32_t slot, uint64_t generation, uint64_t pages, uint64_t waited_ns);
   bool try_grant(uint32_t slot, uint64_t generation, uint64_t pages, uint64_t waited_ns);
   void note_miss(uint32_t slot, uint64_t generation, uint64_t waited_ns);
+  // Pages a request could be granted right now from free budget, without asking anyone
+  // (what an engine may count as free blocks beyond the ones it has mapped).
+  uint64_t headroom(uint32_t slot, uint64_t generation);
   // Releases lease and records the holdings that remain, in one step, so that the table
   // never shows more pages held than leased.
   void release(uint32_t slot, uint64_t generation, uint64_t pages, uint64_t held, uint64_t mapped);

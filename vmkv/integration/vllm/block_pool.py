@@ -1,0 +1,196 @@
+"""Scheduler side: vLLM's BlockPool, elastic.
+
+vLLM's pool owns a fixed number of blocks and keeps every free one in its free queue.
+Here the pool sees the instance's *virtual* capacity, and a free block is one of two
+things:
+
+* a cached free block (it holds a prefix, no request uses it): it stays in vLLM's free
+  queue, in vLLM's LRU order, and its page stays mapped;
+* an empty block: it lives in the vmkv block allocator, whose pages map on demand and go
+  back to the coordinator once all their blocks are empty.
+
+New blocks come from the allocator first (page-aware, leased), and from evicting cached
+blocks (vLLM's own LRU) only when the lease cannot grow. The free count is what can
+really be had now: empty blocks on mapped pages, cached free blocks, and what the
+coordinator would grant from free budget. When another instance needs memory, reclaim
+takes whole pages of cold cached blocks, spilling them to the host tier first.
+
+Every method that touches the free queue or the hash map holds the allocator's lock:
+reclaim runs on the coordinator's thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from vllm.v1.core.block_pool import BlockPool
+from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue, KVCacheBlock
+
+from vmkv.integration.vllm.worker import current_worker
+
+# How long get_new_blocks keeps asking the coordinator after a race lost the budget it
+# had counted as free (reclaim from others takes milliseconds).
+GROW_RETRY_S = 5.0
+
+
+class VmkvBlockPool(BlockPool):
+    def __init__(
+        self, num_gpu_blocks: int, enable_caching: bool, hash_block_size: int, *args: Any, **kwargs: Any
+    ) -> None:
+        from vllm.v1.core import kv_cache_utils
+
+        from vmkv.spill import Namespace
+
+        worker = current_worker()
+        self._stack = worker.stack
+        self._allocator = worker.stack.allocator
+        if num_gpu_blocks > self._allocator.num_blocks:
+            raise ValueError(f"{num_gpu_blocks} blocks exceed the KV space's {self._allocator.num_blocks}")
+        self._counting_everything = False
+        super().__init__(num_gpu_blocks, enable_caching, hash_block_size, *args, **kwargs)
+        self._lock = self._allocator.lock
+        # Only cached free blocks queue here; empty ones live in the allocator.
+        self.free_block_queue = FreeKVCacheBlockQueue([])
+        for block in self.blocks:
+            block.prev_free_block = block.next_free_block = None
+        if enable_caching:
+            namespace = Namespace(
+                model=self._stack.settings.model,
+                kv_dtype=str(worker.layer_views[0].dtype),
+                block_size=hash_block_size,
+                # Hashes chain from NONE_HASH: instances share blocks only if it agrees.
+                hash_seed=bytes(getattr(kv_cache_utils, "NONE_HASH", b"")).hex(),
+            )
+            self._stack.attach_cache(self, worker.layer_views, namespace)
+
+    # -- counts --------------------------------------------------------------------------
+
+    def get_num_free_blocks(self) -> int:
+        if self._counting_everything:  # inside reset_prefix_cache: vLLM's own accounting
+            return self.num_gpu_blocks - 1 - self._num_referenced()
+        with self._lock:
+            mapped = self._allocator.num_free_mapped_blocks() + self.free_block_queue.num_free_blocks
+        return mapped + self._stack.grantable_blocks()
+
+    def get_usage(self) -> float:
+        return self._num_referenced() / max(1, self.num_gpu_blocks - 1)
+
+    def _num_referenced(self) -> int:
+        with self._lock:
+            return self._allocator.stats().used_blocks - self.free_block_queue.num_free_blocks
+
+    # -- allocation ----------------------------------------------------------------------
+
+    def get_new_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
+        with self._lock:
+            fresh = self._fresh_blocks(num_blocks)
+            reuse = min(num_blocks - len(fresh), self.free_block_queue.num_free_blocks)
+            cached = self.free_block_queue.popleft_n(reuse)
+        missing = num_blocks - len(fresh) - len(cached)
+        deadline = time.monotonic() + GROW_RETRY_S
+        while missing > 0:  # the budget counted as free went to someone else: ask again
+            more = self._allocator.alloc(missing)
+            if more is not None:
+                fresh += more
+                break
+            if time.monotonic() > deadline:
+                with self._lock:
+                    self._allocator.free(fresh)
+                    self.free_block_queue.append_n(cached)
+                raise RuntimeError(f"vmkv could not provide {num_blocks} KV blocks within {GROW_RETRY_S} s")
+            time.sleep(0.01)
+        blocks = [self.blocks[block_id] for block_id in fresh] + cached
+        with self._lock:
+            if self._reuse_watchers:
+                self._notify_reuse(blocks)
+            for block in blocks:
+                if self.enable_caching:
+                    self._maybe_evict_cached_block(block)
+                block.ref_cnt += 1
+                if self.metrics_collector:
+                    self.metrics_collector.on_block_allocated(block)
+        return blocks
+
+    def _fresh_blocks(self, wanted: int) -> list[int]:
+        """As many empty blocks as the allocator can give, up to ``wanted``."""
+        blocks = self._allocator.alloc(wanted)
+        if blocks is not None:
+            return blocks
+        on_mapped = min(wanted, self._allocator.num_free_mapped_blocks())
+        return (self._allocator.alloc(on_mapped) or []) if on_mapped else []
+
+    def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock]) -> None:
+        to_cache: list[KVCacheBlock] = []
+        empty: list[int] = []
+        with self._lock:
+            for block in ordered_blocks:
+                if block.pool is not None and block.pool is not self:
+                    block.pool.free_blocks([block])
+                    continue
+                block.ref_cnt -= 1
+                if block.ref_cnt == 0 and not block.is_null:
+                    if self.enable_caching and block.block_hash is not None:
+                        to_cache.append(block)
+                    else:
+                        empty.append(block.block_id)
+            self.free_block_queue.append_n(to_cache)
+            self._allocator.free(empty)
+
+    # -- the prefix cache, under the lock ---------------------------------------------------
+
+    def touch(self, blocks: Sequence[KVCacheBlock]) -> None:
+        with self._lock:
+            super().touch(blocks)
+
+    def get_cached_block(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return super().get_cached_block(*args, **kwargs)
+
+    def cache_full_blocks(self, *args: Any, **kwargs: Any) -> None:
+        with self._lock:
+            super().cache_full_blocks(*args, **kwargs)
+
+    def cache_partial_block(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return super().cache_partial_block(*args, **kwargs)
+
+    def unpin_blocks(self, blocks: Iterable[KVCacheBlock], on_reuse: Callable[[KVCacheBlock], None]) -> None:
+        with self._lock:
+            super().unpin_blocks(blocks, on_reuse)
+
+    def evict_blocks(self, block_ids: set[int]) -> None:
+        with self._lock:
+            super().evict_blocks(block_ids)
+            self._release_uncached_free_blocks()
+
+    def reset_prefix_cache(self) -> bool:
+        with self._lock:
+            self._counting_everything = True
+            try:
+                reset = super().reset_prefix_cache()
+            finally:
+                self._counting_everything = False
+            if reset:
+                self._release_uncached_free_blocks()
+            return reset
+
+    def _release_uncached_free_blocks(self) -> None:
+        """Free blocks that lost their hash leave the queue for the allocator."""
+        uncached = [b for b in self.free_block_queue.get_all_free_blocks() if b.block_hash is None]
+        for block in uncached:
+            self.free_block_queue.remove(block)
+        self._allocator.free([b.block_id for b in uncached])
+
+    # -- reclaim (ColdCache), called with the allocator's lock held ----------------------------
+
+    def cold_blocks(self) -> list[tuple[int, bytes]]:
+        queued = self.free_block_queue.get_all_free_blocks()
+        return [(b.block_id, bytes(b.block_hash)) for b in queued if b.block_hash is not None]
+
+    def evict(self, blocks: Sequence[int]) -> None:
+        for block_id in blocks:
+            block = self.blocks[block_id]
+            self.free_block_queue.remove(block)
+            self._maybe_evict_cached_block(block)

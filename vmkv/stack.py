@@ -1,0 +1,117 @@
+"""One engine instance's whole vmkv stack, assembled the same way for every engine.
+
+An engine layer (vmkv.integration.*) describes its KV cache (bytes per block per layer,
+number of blocks, device) and its prefix cache; this module builds the rest: the
+backend, the coordinator lease, the page pool, the KV space, the block allocator, the
+reclaimer and the spill tier. Settings come from the environment so that they reach
+engine processes the engine itself spawns:
+
+  VMKV_NAME       name in `vmkv ls` (default: the served model name)
+  VMKV_MIN/MAX    guaranteed and maximal KV memory, "4G" or "25%" of the device
+  VMKV_WEIGHT     share of contended memory (default 1)
+  VMKV_SPILL      0 turns the spill tier off (default on); VMKV_CPU_BYTES sizes it
+  VMKV_KEEP_FREE_PAGES  empty KV pages kept mapped to hide map latency (default 2)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from vmkv.allocator import BlockAllocator, KVSpace, PagePool
+from vmkv.allocator.reclaim import ColdCache, ColdTier, Reclaimer
+from vmkv.coordinator import Instance, join, parse_size
+from vmkv.vmm_ops import open_vmm
+
+if TYPE_CHECKING:
+    import torch
+
+    from vmkv.spill import Namespace, SpillStore
+
+BACKEND_OF_DEVICE = {"cpu": "host", "cuda": "cuda", "npu": "acl"}
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    name: str
+    engine: str
+    model: str
+    min_bytes: int = 0
+    max_bytes: int | None = None
+    weight: int = 1
+    spill: bool = True
+    keep_free_pages: int = 2
+
+    @classmethod
+    def from_env(cls, engine: str, model: str, default_name: str, device_total_bytes: int) -> StackSettings:
+        env = os.environ
+        max_text = env.get("VMKV_MAX")
+        weight_text = env.get("VMKV_WEIGHT", "1")
+        if not weight_text.isdigit() or int(weight_text) <= 0:
+            raise ValueError(f"VMKV_WEIGHT must be a positive integer, got {weight_text!r}")
+        keep_text = env.get("VMKV_KEEP_FREE_PAGES", "2")
+        if not keep_text.isdigit():
+            raise ValueError(f"VMKV_KEEP_FREE_PAGES must be a non-negative integer, got {keep_text!r}")
+        return cls(
+            name=env.get("VMKV_NAME") or default_name,
+            engine=engine,
+            model=model,
+            min_bytes=parse_size(env["VMKV_MIN"], device_total_bytes) if env.get("VMKV_MIN") else 0,
+            max_bytes=parse_size(max_text, device_total_bytes) if max_text else None,
+            weight=int(weight_text),
+            spill=env.get("VMKV_SPILL", "1") != "0",
+            keep_free_pages=int(keep_text),
+        )
+
+
+class KVStack:
+    """Backend → lease → pool → KV space → block allocator, with reclaim (and spill)."""
+
+    def __init__(
+        self, device: torch.device, block_bytes: Sequence[int], num_blocks: int, settings: StackSettings
+    ):
+        kind = os.environ.get("VMKV_BACKEND") or BACKEND_OF_DEVICE.get(device.type)
+        if kind is None:
+            raise ValueError(f"vmkv has no backend for {device.type} devices")
+        self.settings = settings
+        self.device = device
+        self.vmm = open_vmm(kind, device.index or 0)
+        self.instance: Instance = join(
+            self.vmm,
+            settings.name,
+            engine=settings.engine,
+            model=settings.model,
+            min_bytes=settings.min_bytes,
+            max_bytes=settings.max_bytes,
+            weight=settings.weight,
+        )
+        self.pool = PagePool(self.vmm, lease=self.instance)
+        self.space = KVSpace(self.pool, block_bytes, num_blocks)
+        self.allocator = BlockAllocator(self.space, keep_free_pages=settings.keep_free_pages)
+        self.reclaimer = Reclaimer(self.pool, [self.allocator])
+        self.instance.reclaimer = self.reclaimer
+        self.spill: SpillStore | None = None
+
+    def grantable_blocks(self) -> int:
+        """Blocks this instance could map now without waiting for anyone: its pooled
+        pages plus the free budget the coordinator would grant."""
+        pages = self.pool.stats().pooled + self.instance.headroom()
+        return pages // self.space.physical_per_page * self.allocator.blocks_per_page
+
+    def attach_cache(
+        self, cache: ColdCache, tensors: Sequence[torch.Tensor], namespace: Namespace, block_dim: int = 0
+    ) -> None:
+        """Let reclaim take the engine's cold cached blocks, spilling them to the host
+        tier first unless VMKV_SPILL=0."""
+        if self.settings.spill:
+            from vmkv.spill import SpillStore
+
+            self.spill = SpillStore(tensors, namespace, block_dim, vmm=self.vmm)
+        self.reclaimer.cold.append(ColdTier(self.allocator, cache, self.spill))
+
+    def close(self) -> None:
+        self.instance.close()
+        if self.spill is not None:
+            self.spill.close()
