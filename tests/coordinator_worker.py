@@ -28,8 +28,8 @@ BLOCK = 256 << 10  # 4 blocks per physical page; a KV page spans 2 buffers = 2 p
 HOLD_PAGES = 16
 
 
-def build(segment: str, name: str, weight: int, min_bytes: int) -> tuple:
-    vmm = open_vmm("host", page_size=PAGE)
+def build(segment: str, name: str, weight: int, min_bytes: int, page: int = PAGE) -> tuple:
+    vmm = open_vmm("host", page_size=page)
     instance = join(
         vmm, name, engine="test", model="tiny", min_bytes=min_bytes, weight=weight, segment=segment
     )
@@ -67,8 +67,9 @@ def main() -> None:
     parser.add_argument("--weight", type=int, default=1)
     parser.add_argument("--min", type=int, default=0)
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--page-bytes", type=int, default=PAGE)
     args = parser.parse_args()
-    instance, pool, allocator = build(args.segment, args.name, args.weight, args.min)
+    instance, pool, allocator = build(args.segment, args.name, args.weight, args.min, args.page_bytes)
     print(json.dumps({"ready": True, "slot": instance.slot}), flush=True)
     if args.mode == "churn":
         print(json.dumps(churn(allocator, args.seconds)), flush=True)
@@ -77,11 +78,11 @@ def main() -> None:
         time.sleep(args.seconds)
     else:
         misses, deadline = 0, time.monotonic() + args.seconds
-        while pool.stats().held * PAGE < args.min and time.monotonic() < deadline:
+        while pool.stats().held * args.page_bytes < args.min and time.monotonic() < deadline:
             if allocator.alloc(allocator.blocks_per_page) is None:
                 misses += 1
                 time.sleep(0.005)
-        print(json.dumps({"held_bytes": pool.stats().held * PAGE, "misses": misses}), flush=True)
+        print(json.dumps({"held_bytes": pool.stats().held * args.page_bytes, "misses": misses}), flush=True)
         time.sleep(args.seconds)
     instance.close()
     sys.exit(0)

@@ -11,6 +11,8 @@ engine processes the engine itself spawns:
   VMKV_WEIGHT     share of contended memory (default 1)
   VMKV_SPILL      0 turns the spill tier off (default on); VMKV_CPU_BYTES sizes it
   VMKV_KEEP_FREE_PAGES  empty KV pages kept mapped to hide map latency (default 2)
+  VMKV_PAGE_BYTES physical page size (default: the backend's; finer pages make small
+                  engines more elastic, coarser ones map faster on CUDA)
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ class KVStack:
             raise ValueError(f"vmkv has no backend for {device.type} devices")
         self.settings = settings
         self.device = device
-        self.vmm = open_vmm(kind, device.index or 0)
+        page = os.environ.get("VMKV_PAGE_BYTES")
+        self.vmm = open_vmm(kind, device.index or 0, page_size=parse_size(page) if page else 0)
         self.instance: Instance = join(
             self.vmm,
             settings.name,
@@ -98,7 +101,9 @@ class KVStack:
         """Blocks this instance could map now without waiting for anyone: its pooled
         pages plus the free budget the coordinator would grant."""
         pages = self.pool.stats().pooled + self.instance.headroom()
-        return pages // self.space.physical_per_page * self.allocator.blocks_per_page
+        grantable = pages // self.space.physical_per_page * self.allocator.blocks_per_page
+        unmapped = self.allocator.num_free_blocks() - self.allocator.num_free_mapped_blocks()
+        return min(grantable, unmapped)
 
     def attach_cache(
         self, cache: ColdCache, tensors: Sequence[torch.Tensor], namespace: Namespace, block_dim: int = 0

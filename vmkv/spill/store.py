@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from vmkv.vmm_ops import Vmm
 
-DEFAULT_CPU_BYTES = "4GiB"
+DEFAULT_CPU_BYTES = "5%"  # of the machine's RAM
 POLICIES = {"lru": Policy.LRU, "fifo": Policy.FIFO, "lfu": Policy.LFU}
 
 ON_DEVICE, ON_HOST, ABSENT = 0, 1, -1

