@@ -125,7 +125,7 @@ def test_preemption_under_pressure_gives_the_same_outputs(tiny_model, segment):
     assert elastic["texts"] == vanilla["texts"]
 
 
-def test_reclaim_spills_the_cold_prefix_and_outputs_stay_the_same(tiny_model, segment):
+def test_reclaim_spills_the_cold_prefix_and_a_later_hit_reloads_it(tiny_model, segment):
     env = engine_env(True, segment, VMKV_BUDGET="8M", VMKV_KEEP_FREE_PAGES="0")
     engine = subprocess.Popen(
         [
@@ -176,3 +176,6 @@ def test_reclaim_spills_the_cold_prefix_and_outputs_stay_the_same(tiny_model, se
     after = result["after_hold"]
     assert after["spilled_blocks"] > 0 and after["spill"]["valid"] >= after["spilled_blocks"], after
     assert result["texts_again"] == result["texts"]
+    # The second run found the spilled prefix on the host and copied it back.
+    final = result["vmkv"]
+    assert final["reloaded_blocks"] > 0 and final["spill"]["retrieved_blocks"] == final["reloaded_blocks"], final

@@ -31,7 +31,8 @@ def prompts_for(scenario: str) -> list[str]:
 def vmkv_stats() -> dict:
     from vmkv.integration.vllm.worker import current_worker
 
-    stack = current_worker().stack
+    worker = current_worker()
+    stack = worker.stack
     allocator, pool = stack.allocator.stats(), stack.pool.stats()
     return {
         "mapped_pages": allocator.mapped_pages,
@@ -40,6 +41,7 @@ def vmkv_stats() -> dict:
         "created_pages": pool.created,
         "spilled_blocks": stack.reclaimer.spilled_blocks,
         "dropped_blocks": stack.reclaimer.dropped_blocks,
+        "reloaded_blocks": worker.block_pool.reloaded_blocks,
         "spill": stack.spill.stats() if stack.spill is not None else None,
     }
 

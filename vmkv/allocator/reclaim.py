@@ -28,8 +28,9 @@ class ColdCache(Protocol):
     allocator's lock held; the engine layer holds the same lock while it changes which
     blocks are cached or referenced."""
 
-    def cold_blocks(self) -> Sequence[tuple[int, BlockHash]]:
-        """(block, hash) of cached blocks no request uses, coldest first."""
+    def cold_blocks(self) -> Sequence[tuple[int, BlockHash | None]]:
+        """(block, hash) of cached blocks no request uses, coldest first. A None hash:
+        the block may be dropped but not spilled (nothing could find it again)."""
         ...
 
     def evict(self, blocks: Sequence[int]) -> None:
@@ -108,15 +109,15 @@ class Reclaimer:
             blocks = [block for page in victims for block in candidates[page]]
             if not blocks:
                 return
-            if tier.spill is not None:
+            keyed = [b for b in blocks if hashes[b] is not None] if tier.spill is not None else []
+            if keyed:
                 try:
-                    tier.spill.store([hashes[b] for b in blocks], blocks).wait()
-                    self.spilled_blocks += len(blocks)
+                    tier.spill.store([hashes[b] for b in keyed], keyed).wait()
+                    self.spilled_blocks += len(keyed)
                 except RuntimeError as error:  # a full tier: the blocks are dropped, as without spill
-                    log.warning("spilling %d cold blocks failed (%s); dropping them", len(blocks), error)
-                    self.dropped_blocks += len(blocks)
-            else:
-                self.dropped_blocks += len(blocks)
+                    log.warning("spilling %d cold blocks failed (%s); dropping them", len(keyed), error)
+                    keyed = []
+            self.dropped_blocks += len(blocks) - len(keyed)
             tier.cache.evict(blocks)
             allocator.free(blocks)
             allocator.trim(len(victims))

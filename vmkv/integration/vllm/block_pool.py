@@ -26,7 +26,13 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from vllm.v1.core.block_pool import BlockPool
-from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue, KVCacheBlock
+from vllm.v1.core.kv_cache_utils import (
+    BlockHash,
+    BlockHashWithGroupId,
+    FreeKVCacheBlockQueue,
+    KVCacheBlock,
+    make_block_hash_with_group_id,
+)
 
 from vmkv.integration.vllm.worker import current_worker
 
@@ -49,12 +55,14 @@ class VmkvBlockPool(BlockPool):
         if num_gpu_blocks > self._allocator.num_blocks:
             raise ValueError(f"{num_gpu_blocks} blocks exceed the KV space's {self._allocator.num_blocks}")
         self._counting_everything = False
+        self.reloaded_blocks = 0
         super().__init__(num_gpu_blocks, enable_caching, hash_block_size, *args, **kwargs)
         self._lock = self._allocator.lock
         # Only cached free blocks queue here; empty ones live in the allocator.
         self.free_block_queue = FreeKVCacheBlockQueue([])
         for block in self.blocks:
             block.prev_free_block = block.next_free_block = None
+        worker.block_pool = self
         if enable_caching:
             namespace = Namespace(
                 model=self._stack.settings.model,
@@ -144,9 +152,35 @@ class VmkvBlockPool(BlockPool):
         with self._lock:
             super().touch(blocks)
 
-    def get_cached_block(self, *args: Any, **kwargs: Any) -> Any:
+    def get_cached_block(
+        self, block_hash: BlockHash, kv_cache_group_ids: list[int]
+    ) -> list[KVCacheBlock] | None:
         with self._lock:
-            return super().get_cached_block(*args, **kwargs)
+            hit = super().get_cached_block(block_hash, kv_cache_group_ids)
+            if hit is not None or self._stack.spill is None or len(kv_cache_group_ids) != 1:
+                return hit
+            return self._reload(make_block_hash_with_group_id(block_hash, kv_cache_group_ids[0]))
+
+    def _reload(self, key: BlockHashWithGroupId) -> list[KVCacheBlock] | None:
+        """A device miss that the spill tier holds: copy it into a fresh block, which
+        becomes a cached block like any other. Kernels queued after this on the current
+        stream see the data (the copy is fenced); on the host it is done already."""
+        spill = self._stack.spill
+        if spill.lookup([bytes(key)]) != 1:
+            return None
+        fresh = self._allocator.alloc(1)
+        if fresh is None:  # no memory to reload into: recompute instead
+            return None
+        try:
+            spill.retrieve([bytes(key)], fresh).fence()
+        except KeyError:  # evicted from the tier since the lookup
+            self._allocator.free(fresh)
+            return None
+        block = self.blocks[fresh[0]]
+        self._insert_block_hash(key, block, num_tokens=None)
+        self.free_block_queue.append(block)
+        self.reloaded_blocks += 1
+        return [block]
 
     def cache_full_blocks(self, *args: Any, **kwargs: Any) -> None:
         with self._lock:
@@ -185,9 +219,16 @@ class VmkvBlockPool(BlockPool):
 
     # -- reclaim (ColdCache), called with the allocator's lock held ----------------------------
 
-    def cold_blocks(self) -> list[tuple[int, bytes]]:
+    def cold_blocks(self) -> list[tuple[int, bytes | None]]:
+        """Cached free blocks, coldest first. Full blocks carry their hash for the spill
+        tier; partial ones (vLLM may cache a block's prefix) are only dropped."""
         queued = self.free_block_queue.get_all_free_blocks()
-        return [(b.block_id, bytes(b.block_hash)) for b in queued if b.block_hash is not None]
+        return [(b.block_id, self._spill_key(b)) for b in queued]
+
+    def _spill_key(self, block: KVCacheBlock) -> bytes | None:
+        tokens = block.block_hash_num_tokens
+        full = tokens is None or tokens % self.hash_block_size == 0
+        return bytes(block.block_hash) if block.block_hash is not None and full else None
 
     def evict(self, blocks: Sequence[int]) -> None:
         for block_id in blocks:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 class WorkerKV:
     stack: KVStack
     layer_views: list[torch.Tensor]  # in layer order: what the spill tier copies
+    block_pool: Any = None  # the scheduler's VmkvBlockPool over this cache, once built
 
 
 _worker: WorkerKV | None = None
