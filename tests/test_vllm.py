@@ -178,4 +178,5 @@ def test_reclaim_spills_the_cold_prefix_and_a_later_hit_reloads_it(tiny_model, s
     assert result["texts_again"] == result["texts"]
     # The second run found the spilled prefix on the host and copied it back.
     final = result["vmkv"]
-    assert final["reloaded_blocks"] > 0 and final["spill"]["retrieved_blocks"] == final["reloaded_blocks"], final
+    assert final["reloaded_blocks"] > 0, final
+    assert final["spill"]["retrieved_blocks"] == final["reloaded_blocks"], final
