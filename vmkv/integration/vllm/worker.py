@@ -44,7 +44,9 @@ def current_worker() -> WorkerKV:
     if _worker is None:
         raise RuntimeError(
             "vmkv's block pool found no vmkv KV cache in this process: vmkv needs the "
-            "scheduler and the worker in one process (tensor parallel size 1)"
+            "scheduler and the worker in one process: tensor parallel size 1 with "
+            "--distributed-executor-backend uni (on the CPU, vLLM also needs "
+            "VLLM_ENABLE_V1_MULTIPROCESSING=0 to keep the uni executor)"
         )
     return _worker
 
