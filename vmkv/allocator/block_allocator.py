@@ -24,6 +24,19 @@ from vmkv.allocator.kv_space import KVSpace
 NULL_BLOCK = 0
 
 
+def check_block_ids(blocks: Iterable[object], num_blocks: int) -> None:
+    """ValueError naming the first id that is not an int in [0, num_blocks) or repeats."""
+    seen: set[int] = set()
+    for block in blocks:
+        if isinstance(block, bool) or not isinstance(block, int):
+            raise ValueError(f"block id {block!r} is not an integer")
+        if not 0 <= block < num_blocks:
+            raise ValueError(f"block id {block} out of range [0, {num_blocks})")
+        if block in seen:
+            raise ValueError(f"block {block} is listed twice")
+        seen.add(block)
+
+
 @dataclass(frozen=True)
 class AllocatorStats:
     capacity_blocks: int
@@ -180,19 +193,12 @@ class BlockAllocator:
     # -- internals ---------------------------------------------------------------------
 
     def _check_freeable(self, blocks: list[int]) -> None:
-        seen: set[int] = set()
+        check_block_ids(blocks, self.num_blocks)
         for block in blocks:
-            if isinstance(block, bool) or not isinstance(block, int):
-                raise ValueError(f"block id {block!r} is not an integer")
-            if not 0 <= block < self.num_blocks:
-                raise ValueError(f"block id {block} out of range [0, {self.num_blocks})")
             if block == NULL_BLOCK:
                 raise ValueError("block 0 is the null block and is never freed")
             if not self._allocated[block]:
                 raise ValueError(f"block {block} is not allocated (double free or never allocated)")
-            if block in seen:
-                raise ValueError(f"block {block} is listed twice")
-            seen.add(block)
 
     def _take(self, block: int) -> None:
         page = block // self.blocks_per_page

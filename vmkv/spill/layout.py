@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from vmkv.allocator.block_allocator import check_block_ids
+
 if TYPE_CHECKING:
     import torch
 
@@ -80,12 +82,4 @@ class BlockLayout:
         return ";".join(f"{p.dtype}{list(p.view.shape[1:])}" for p in self.parts)
 
     def check_blocks(self, blocks: Sequence[int]) -> None:
-        seen: set[int] = set()
-        for block in blocks:
-            if isinstance(block, bool) or not isinstance(block, int):
-                raise ValueError(f"block id {block!r} is not an integer")
-            if not 0 <= block < self.num_blocks:
-                raise ValueError(f"block id {block} out of range [0, {self.num_blocks})")
-            if block in seen:
-                raise ValueError(f"block {block} is listed twice")
-            seen.add(block)
+        check_block_ids(blocks, self.num_blocks)

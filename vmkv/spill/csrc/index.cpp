@@ -336,8 +336,7 @@ std::optional<std::vector<int64_t>> Index::reserve(uint32_t proc, const std::vec
   return std::nullopt;
 }
 
-void Index::commit(uint32_t proc, const std::vector<int64_t>& slots) {
-  Guard guard(*this);
+void Index::check_writing(uint32_t proc, const std::vector<int64_t>& slots) {
   attached(proc);
   for (int64_t slot : slots) {
     const Entry& e = entry(slot);
@@ -345,6 +344,11 @@ void Index::commit(uint32_t proc, const std::vector<int64_t>& slots) {
       throw std::invalid_argument("slot " + std::to_string(slot) + " is not being written by this process");
     }
   }
+}
+
+void Index::commit(uint32_t proc, const std::vector<int64_t>& slots) {
+  Guard guard(*this);
+  check_writing(proc, slots);
   for (int64_t slot : slots) {
     Entry& e = entry(slot);
     e.inserted = e.last_use = ++header_->tick;
@@ -355,13 +359,7 @@ void Index::commit(uint32_t proc, const std::vector<int64_t>& slots) {
 
 void Index::abort(uint32_t proc, const std::vector<int64_t>& slots) {
   Guard guard(*this);
-  attached(proc);
-  for (int64_t slot : slots) {
-    const Entry& e = entry(slot);
-    if (e.state != kWriting || e.writer != static_cast<int32_t>(proc)) {
-      throw std::invalid_argument("slot " + std::to_string(slot) + " is not being written by this process");
-    }
-  }
+  check_writing(proc, slots);
   for (int64_t slot : slots) {
     unlink(slot);
     entry(slot).state = kFree;

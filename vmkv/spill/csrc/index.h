@@ -133,6 +133,8 @@ class Index {
   uint64_t sweep_locked();
   void release_proc(uint32_t proc);
   Proc& attached(uint32_t proc);
+  // Every slot is being written by `proc` (commit and abort apply to nothing else).
+  void check_writing(uint32_t proc, const std::vector<int64_t>& slots);
   Entry& entry(int64_t slot);
   int64_t* buckets();
   int64_t find(const uint8_t* key);
