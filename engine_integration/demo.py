@@ -156,7 +156,8 @@ def main() -> int:
         for name in user_tiers():
             tier = tier_stats(name)
             if tier["attached"]:
-                print(f"shared spill tier: {tier['stored']} cold blocks spilled, {tier['retrieves']} copied back on prefix hits")
+                spilled, back = tier["stored"], tier["retrieves"]
+                print(f"shared spill tier: {spilled} cold blocks spilled, {back} copied back on prefix hits")
         print("each burst's server grows past the static equal split while the other gives pages back")
         return 0
     finally:
