@@ -18,6 +18,7 @@ engine processes the engine itself spawns:
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from vmkv.spill import Namespace, SpillStore
 
 BACKEND_OF_DEVICE = {"cpu": "host", "cuda": "cuda", "npu": "acl"}
+GRANTABLE_TTL_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -96,11 +98,17 @@ class KVStack:
         self.reclaimer = Reclaimer(self.pool, [self.allocator])
         self.instance.reclaimer = self.reclaimer
         self.spill: SpillStore | None = None
+        self._headroom, self._headroom_at = 0, float("-inf")
 
     def grantable_blocks(self) -> int:
         """Blocks this instance could map now without waiting for anyone: its pooled
-        pages plus the free budget the coordinator would grant."""
-        pages = self.pool.stats().pooled + self.instance.headroom()
+        pages plus the free budget the coordinator would grant. The coordinator's answer
+        is reused for GRANTABLE_TTL_S: a scheduler asks many times per step, and a stale
+        answer only costs a short wait in the rare case another instance took the budget."""
+        now = time.monotonic()
+        if now - self._headroom_at > GRANTABLE_TTL_S:
+            self._headroom, self._headroom_at = self.instance.headroom(), now
+        pages = self.pool.stats().pooled + self._headroom
         grantable = pages // self.space.physical_per_page * self.allocator.blocks_per_page
         unmapped = self.allocator.num_free_blocks() - self.allocator.num_free_mapped_blocks()
         return min(grantable, unmapped)

@@ -1,0 +1,90 @@
+"""vLLM throughput on vmkv divided by vanilla vLLM's: same model, same load, same run.
+
+Each side runs in its own fresh process (vLLM configures itself once per process):
+offline generation of a fixed batch of prompts, greedy, prefix caching on, measured
+after one warm-up batch. The floor is vanilla vLLM itself; the goal is a ratio >= 0.99.
+
+  python benchmarks/bench_vllm_overhead.py MODEL_DIR [--prompts 64] [--max-tokens 64] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from common import emit
+
+
+def measure(model: str, prompts: int, max_tokens: int, kv_bytes: int) -> dict[str, float]:
+    """In this process: tokens per second over ``prompts`` requests (after a warm-up)."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model=model,
+        max_model_len=1024,
+        enforce_eager=True,
+        block_size=32,
+        kv_cache_memory_bytes=kv_bytes,
+        distributed_executor_backend="uni",
+        seed=0,
+    )
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    batch = [f"request {i}: " + "tell me a long story about a tiny model " * 4 for i in range(prompts)]
+    llm.generate(batch[:8], params, use_tqdm=False)
+    start = time.perf_counter()
+    outputs = llm.generate(batch, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+def run_side(args: argparse.Namespace, vmkv: bool) -> dict[str, float]:
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1"}
+    env.pop("VMKV", None)
+    if vmkv:
+        env.update({"VMKV": "1", "VMKV_SEGMENT": f"/vmkv-{os.getuid()}-overhead{os.getpid()}"})
+        env.setdefault("VMKV_CPU_BYTES", "256M")
+    command = [sys.executable, __file__, args.model, "--side", "--prompts", str(args.prompts)]
+    command += ["--max-tokens", str(args.max_tokens), "--kv-bytes", str(args.kv_bytes)]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model")
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--kv-bytes", type=int, default=64 << 20)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--side", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.side:
+        print(json.dumps(measure(args.model, args.prompts, args.max_tokens, args.kv_bytes)), flush=True)
+        os._exit(0)  # skip vLLM's slow teardown
+    rows = []
+    for round_ in range(args.rounds):  # alternate the order so drift hits both sides alike
+        order = (False, True) if round_ % 2 == 0 else (True, False)
+        result = {vmkv: run_side(args, vmkv) for vmkv in order}
+        rows.append(
+            {"vanilla_tok_s": result[False]["tokens_per_s"], "vmkv_tok_s": result[True]["tokens_per_s"]}
+        )
+        vanilla_rate, vmkv_rate = rows[-1]["vanilla_tok_s"], rows[-1]["vmkv_tok_s"]
+        print(f"round {round_}: vanilla {vanilla_rate:.0f} tok/s, vmkv {vmkv_rate:.0f} tok/s")
+    vanilla = sum(r["vanilla_tok_s"] for r in rows) / len(rows)
+    elastic = sum(r["vmkv_tok_s"] for r in rows) / len(rows)
+    print(f"vmkv / vanilla throughput: {elastic / vanilla:.3f} (goal >= 0.99)")
+    emit({"bench": "vllm_overhead", "rounds": rows, "ratio": elastic / vanilla}, args.json)
+
+
+if __name__ == "__main__":
+    main()
