@@ -42,16 +42,15 @@ class StackSettings:
     name: str
     engine: str
     model: str
-    min_bytes: int = 0
-    max_bytes: int | None = None
+    min_size: str | None = None  # "4G" or "25%" of the device, resolved once it is open
+    max_size: str | None = None
     weight: int = 1
     spill: bool = True
     keep_free_pages: int = 2
 
     @classmethod
-    def from_env(cls, engine: str, model: str, default_name: str, device_total_bytes: int) -> StackSettings:
+    def from_env(cls, engine: str, model: str, default_name: str) -> StackSettings:
         env = os.environ
-        max_text = env.get("VMKV_MAX")
         weight_text = env.get("VMKV_WEIGHT", "1")
         if not weight_text.isdigit() or int(weight_text) <= 0:
             raise ValueError(f"VMKV_WEIGHT must be a positive integer, got {weight_text!r}")
@@ -62,8 +61,8 @@ class StackSettings:
             name=env.get("VMKV_NAME") or default_name,
             engine=engine,
             model=model,
-            min_bytes=parse_size(env["VMKV_MIN"], device_total_bytes) if env.get("VMKV_MIN") else 0,
-            max_bytes=parse_size(max_text, device_total_bytes) if max_text else None,
+            min_size=env.get("VMKV_MIN") or None,
+            max_size=env.get("VMKV_MAX") or None,
             weight=int(weight_text),
             spill=env.get("VMKV_SPILL", "1") != "0",
             keep_free_pages=int(keep_text),
@@ -83,13 +82,14 @@ class KVStack:
         self.device = device
         page = os.environ.get("VMKV_PAGE_BYTES")
         self.vmm = open_vmm(kind, device.index or 0, page_size=parse_size(page) if page else 0)
+        total = self.vmm.mem_info()[1]
         self.instance: Instance = join(
             self.vmm,
             settings.name,
             engine=settings.engine,
             model=settings.model,
-            min_bytes=settings.min_bytes,
-            max_bytes=settings.max_bytes,
+            min_bytes=parse_size(settings.min_size, total) if settings.min_size else 0,
+            max_bytes=parse_size(settings.max_size, total) if settings.max_size else None,
             weight=settings.weight,
         )
         self.pool = PagePool(self.vmm, lease=self.instance)

@@ -85,7 +85,7 @@ def allocate_kv_cache(
         )
     if _worker is not None:
         raise RuntimeError("vmkv allocates one KV cache per process; this one already has it")
-    settings = _settings(device)
+    settings = _settings()
     stack = KVStack(device, [first.block_stride] * num_layers, num_blocks, settings)
     space = stack.space
     raw = tensor_at(stack.vmm.kind, device.index or 0, space.base, torch.int8, (space.nbytes,))
@@ -134,21 +134,10 @@ def wrap_initialize_kv_cache(original: Callable[..., None]) -> Callable[..., Non
     return initialize_kv_cache
 
 
-def _settings(device: torch.device) -> StackSettings:
+def _settings() -> StackSettings:
     from vllm.config import get_current_vllm_config
 
     config = get_current_vllm_config()
     served = config.model_config.served_model_name
     name = served if isinstance(served, str) else (served[0] if served else config.model_config.model)
-    total = _device_total_bytes(device)
-    return StackSettings.from_env("vllm", config.model_config.model, name, total)
-
-
-def _device_total_bytes(device: torch.device) -> int:
-    import os
-
-    if device.type == "cpu":
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    import torch
-
-    return torch.get_device_module(device).get_device_properties(device).total_memory
+    return StackSettings.from_env("vllm", config.model_config.model, name)

@@ -1,0 +1,54 @@
+"""The engine-agnostic stack built from VMKV_* settings (what every engine layer uses)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from vmkv.coordinator import Segment
+from vmkv.coordinator.segment import remove_segment
+from vmkv.stack import KVStack, StackSettings
+
+
+def test_settings_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("VMKV_NAME", "llama-a")
+    monkeypatch.setenv("VMKV_MAX", "1%")
+    monkeypatch.setenv("VMKV_WEIGHT", "3")
+    monkeypatch.setenv("VMKV_SPILL", "0")
+    settings = StackSettings.from_env("vllm", "llama", default_name="served")
+    assert (settings.name, settings.max_size, settings.weight, settings.spill) == ("llama-a", "1%", 3, False)
+    monkeypatch.setenv("VMKV_WEIGHT", "0")
+    with pytest.raises(ValueError, match="VMKV_WEIGHT must be a positive integer"):
+        StackSettings.from_env("vllm", "llama", default_name="served")
+    monkeypatch.setenv("VMKV_WEIGHT", "1")
+    monkeypatch.setenv("VMKV_KEEP_FREE_PAGES", "-1")
+    with pytest.raises(ValueError, match="VMKV_KEEP_FREE_PAGES"):
+        StackSettings.from_env("vllm", "llama", default_name="served")
+
+
+def test_stack_joins_with_limits_resolved_against_the_device(monkeypatch):
+    segment = f"/vmkv-{os.getuid()}-stacktest{os.getpid()}"
+    monkeypatch.setenv("VMKV_SEGMENT", segment)
+    monkeypatch.setenv("VMKV_BUDGET", "64M")
+    settings = StackSettings("s", "test", "tiny", min_size="4M", max_size="32M", weight=2, spill=False)
+    stack = KVStack(torch.device("cpu"), [32 << 10] * 4, 256, settings)
+    try:
+        (row,) = Segment.attach(segment).table.snapshot()
+        page = stack.vmm.page_size
+        assert (row["name"], row["min_pages"], row["max_pages"], row["weight"]) == (
+            "s",
+            (4 << 20) // page,
+            (32 << 20) // page,
+            2,
+        )
+        assert (
+            stack.grantable_blocks()
+            == stack.allocator.num_free_blocks() - stack.allocator.num_free_mapped_blocks()
+        )
+        with pytest.raises(ValueError, match="no backend for meta"):
+            KVStack(torch.device("meta"), [1024], 16, settings)
+    finally:
+        stack.close()
+        remove_segment(segment)
