@@ -140,12 +140,16 @@ class StreamMover:
             offset += len(run.blocks)
         return out
 
-    def _index(self, runs: list[Run]) -> torch.Tensor:
+    def _begin(self, runs: list[Run]) -> torch.Tensor:
+        """Orders this transfer after the engine's queued work (writes to blocks being
+        saved, reads of blocks being loaded into) and uploads the block ids."""
         import torch
 
+        self._gather_stream.wait_stream(self._api.current_stream(self.device))
         blocks = [b for run in runs for b in run.blocks]
-        # Pinned, so the upload is asynchronous and never waits for earlier transfers.
-        return torch.tensor(blocks, dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
+        with self._api.stream(self._gather_stream):
+            # Pinned, so the upload is asynchronous and never waits for earlier transfers.
+            return torch.tensor(blocks, dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
 
     def _event(self, stream: torch.Stream) -> torch.Event:
         event = self._api.Event()
@@ -155,9 +159,7 @@ class StreamMover:
     def save(self, runs: list[Run]) -> Completion:
         """Device blocks -> host slots. The engine's pending writes to them come first."""
         gather, copy = self._gather_stream, self._copy_stream
-        gather.wait_stream(self._api.current_stream(self.device))
-        with self._api.stream(gather):
-            index = self._index(runs)
+        index = self._begin(runs)
         for first_slot, offset, count in self._chunks(runs):
             buffer = self._take_buffer()
             with self._api.stream(gather):
@@ -178,9 +180,7 @@ class StreamMover:
         """Host slots -> device blocks. Kernels still reading the old contents come first;
         the engine must order its reads after the returned event."""
         gather, copy = self._gather_stream, self._copy_stream
-        gather.wait_stream(self._api.current_stream(self.device))
-        with self._api.stream(gather):
-            index = self._index(runs)
+        index = self._begin(runs)
         for first_slot, offset, count in self._chunks(runs):
             buffer = self._take_buffer()
             with self._api.stream(copy):
