@@ -137,6 +137,7 @@ def test_reclaim_spills_the_cold_prefix_and_a_later_hit_reloads_it(tiny_model, s
             str(4 << 20),
             "--hold",
             "6",
+            "--kv-events",
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -176,6 +177,12 @@ def test_reclaim_spills_the_cold_prefix_and_a_later_hit_reloads_it(tiny_model, s
     after = result["after_hold"]
     assert after["spilled_blocks"] > 0 and after["spill"]["valid"] >= after["spilled_blocks"], after
     assert result["texts_again"] == result["texts"]
+    # vLLM's KV cache events still flow: blocks cached, and the spilled ones announced
+    # as removed from the device.
+    events = result["kv_events"]
+    assert events.get("BlockStored", 0) > 0 and events.get("BlockRemoved", 0) >= after["spilled_blocks"], (
+        events
+    )
     # The second run found the spilled prefix on the host and copied it back.
     final = result["vmkv"]
     assert final["reloaded_blocks"] > 0, final

@@ -46,6 +46,24 @@ def vmkv_stats() -> dict:
     }
 
 
+def count_events(counts: dict[str, int]) -> None:
+    """Counts, by type, the KV cache events the scheduler takes from the block pool."""
+    from vmkv.integration.vllm.worker import current_worker
+
+    pool = current_worker().block_pool
+    take = pool.take_events
+
+    def counted() -> list:
+        events = take()
+        for event in events:
+            counts[type(event).__name__] = counts.get(type(event).__name__, 0) + len(
+                getattr(event, "block_hashes", [])
+            )
+        return events
+
+    pool.take_events = counted
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
@@ -53,8 +71,10 @@ def main() -> None:
     parser.add_argument("--kv-bytes", type=int, default=8 << 20)
     parser.add_argument("--hold", type=float, default=0.0)
     parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--kv-events", action="store_true", help="count vLLM's KV cache events")
     args = parser.parse_args()
     from vllm import LLM, SamplingParams
+    from vllm.config import KVEventsConfig
 
     llm = LLM(
         model=args.model,
@@ -67,7 +87,13 @@ def main() -> None:
         enable_prefix_caching=True,
         disable_log_stats=False,
         seed=0,
+        kv_events_config=KVEventsConfig(enable_kv_cache_events=True, publisher="null")
+        if args.kv_events
+        else None,
     )
+    events: dict[str, int] = {}
+    if args.kv_events and os.environ.get("VMKV") == "1":
+        count_events(events)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     prompts = prompts_for(args.scenario)
     texts = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
@@ -85,6 +111,7 @@ def main() -> None:
     result["preemptions"] = metrics.get("vllm:num_preemptions", 0)
     if vmkv_on:
         result["vmkv"] = vmkv_stats()
+        result["kv_events"] = events
     print(json.dumps(result), flush=True)
     sys.stdout.flush()
     os._exit(0)  # vLLM's shutdown is slow and irrelevant here
