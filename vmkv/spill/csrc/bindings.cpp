@@ -76,8 +76,7 @@ PYBIND11_MODULE(_index, m) {
                py::gil_scoped_release release;
                h = index.header_copy();
              }
-             py::dict d = geometry_dict(Geometry{h.slot_count, h.slot_bytes, h.slot_stride, h.bucket_count,
-                                                 h.data_offset, h.total_bytes});
+             py::dict d = geometry_dict(h.geometry);
              d["version"] = h.version;
              d["policy"] = static_cast<Policy>(h.policy);
              d["namespace_digest"] =
@@ -134,20 +133,19 @@ PYBIND11_MODULE(_index, m) {
           s = index.stats();
         }
         py::dict d;
-        d["slot_count"] = s.slot_count;
-        d["slot_bytes"] = s.slot_bytes;
+        d["slot_count"] = s.geometry.slot_count;
+        d["slot_bytes"] = s.geometry.slot_bytes;
         d["valid"] = s.valid;
         d["writing"] = s.writing;
         d["pinned"] = s.pinned;
         d["free"] = s.free;
         d["attached"] = s.attached;
-        d["stored"] = s.stored;
-        d["hits"] = s.hits;
-        d["misses"] = s.misses;
-        d["evictions"] = s.evictions;
-        d["retrieves"] = s.retrieves;
-        d["aborted"] = s.aborted;
-        d["lock_recoveries"] = s.lock_recoveries;
+        const Counters& c = s.counters;
+        for (const auto& [name, value] : {std::pair{"stored", c.stored}, {"hits", c.hits}, {"misses", c.misses},
+                                          {"evictions", c.evictions}, {"retrieves", c.retrieves},
+                                          {"aborted", c.aborted}, {"lock_recoveries", c.lock_recoveries}}) {
+          d[name] = value;
+        }
         return d;
       });
 }

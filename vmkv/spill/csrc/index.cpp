@@ -80,12 +80,7 @@ void Index::initialize(const Geometry& g, Policy policy, const std::string& name
   h.header_bytes = sizeof(Header);
   h.entry_bytes = sizeof(Entry);
   h.policy = static_cast<uint32_t>(policy);
-  h.slot_count = g.slot_count;
-  h.slot_bytes = g.slot_bytes;
-  h.slot_stride = g.slot_stride;
-  h.bucket_count = g.bucket_count;
-  h.data_offset = g.data_offset;
-  h.total_bytes = g.total_bytes;
+  h.geometry = g;
   memcpy(h.namespace_digest, namespace_digest.data(), kNamespaceBytes);
   std::fill_n(buckets(), g.bucket_count, int64_t{-1});
   for (uint64_t i = 0; i < g.slot_count; ++i) entry(static_cast<int64_t>(i)).hash_next = -1;
@@ -107,12 +102,11 @@ void Index::validate_header() const {
   if (h.policy > static_cast<uint32_t>(Policy::kLfu)) throw SegmentError("spill segment names an unknown policy");
   Geometry g{};
   try {
-    g = geometry_for(h.slot_count, h.slot_bytes);
+    g = geometry_for(h.geometry.slot_count, h.geometry.slot_bytes);
   } catch (const std::invalid_argument& e) {
     throw SegmentError(std::string("spill segment has an impossible geometry: ") + e.what());
   }
-  if (g.slot_stride != h.slot_stride || g.bucket_count != h.bucket_count || g.data_offset != h.data_offset ||
-      g.total_bytes != h.total_bytes || h.total_bytes > size_) {
+  if (memcmp(&g, &h.geometry, sizeof(Geometry)) != 0 || h.geometry.total_bytes > size_) {
     throw SegmentError("spill segment's geometry does not match its size");
   }
 }
@@ -127,10 +121,10 @@ int64_t* Index::buckets() {
 }
 
 Entry& Index::entry(int64_t slot) {
-  if (slot < 0 || static_cast<uint64_t>(slot) >= header_->slot_count) {
+  if (slot < 0 || static_cast<uint64_t>(slot) >= header_->geometry.slot_count) {
     throw SegmentError("spill index is corrupted: slot " + std::to_string(slot) + " out of range; run `vmkv reset`");
   }
-  auto* entries = reinterpret_cast<Entry*>(buckets() + header_->bucket_count);
+  auto* entries = reinterpret_cast<Entry*>(buckets() + header_->geometry.bucket_count);
   Entry& e = entries[slot];
   if (e.state > kValid || (e.state == kWriting && (e.writer < 0 || e.writer >= static_cast<int32_t>(kMaxProcs)))) {
     throw SegmentError("spill index is corrupted: slot " + std::to_string(slot) + " has state " +
@@ -152,9 +146,9 @@ Proc& Index::attached(uint32_t proc) {
 }
 
 int64_t Index::find(const uint8_t* key) {
-  int64_t slot = buckets()[bucket_of(key, header_->bucket_count)];
+  int64_t slot = buckets()[bucket_of(key, header_->geometry.bucket_count)];
   for (uint64_t steps = 0; slot != -1; ++steps) {
-    if (steps > header_->slot_count) throw SegmentError("spill index is corrupted: a hash chain loops");
+    if (steps > header_->geometry.slot_count) throw SegmentError("spill index is corrupted: a hash chain loops");
     Entry& e = entry(slot);
     if (e.state != kFree && memcmp(e.key, key, kKeyBytes) == 0) return slot;
     slot = e.hash_next;
@@ -164,16 +158,16 @@ int64_t Index::find(const uint8_t* key) {
 
 void Index::link(int64_t slot) {
   Entry& e = entry(slot);
-  int64_t& head = buckets()[bucket_of(e.key, header_->bucket_count)];
+  int64_t& head = buckets()[bucket_of(e.key, header_->geometry.bucket_count)];
   e.hash_next = head;
   head = slot;
 }
 
 void Index::unlink(int64_t slot) {
   Entry& e = entry(slot);
-  int64_t* link = &buckets()[bucket_of(e.key, header_->bucket_count)];
+  int64_t* link = &buckets()[bucket_of(e.key, header_->geometry.bucket_count)];
   for (uint64_t steps = 0; *link != -1; ++steps) {
-    if (steps > header_->slot_count) throw SegmentError("spill index is corrupted: a hash chain loops");
+    if (steps > header_->geometry.slot_count) throw SegmentError("spill index is corrupted: a hash chain loops");
     if (*link == slot) {
       *link = e.hash_next;
       e.hash_next = -1;
@@ -201,8 +195,8 @@ uint64_t Index::rank(const Entry& e) const {
 }
 
 void Index::rebuild_chains() {
-  std::fill_n(buckets(), header_->bucket_count, int64_t{-1});
-  for (uint64_t i = 0; i < header_->slot_count; ++i) {
+  std::fill_n(buckets(), header_->geometry.bucket_count, int64_t{-1});
+  for (uint64_t i = 0; i < header_->geometry.slot_count; ++i) {
     Entry& e = entry(static_cast<int64_t>(i));
     e.hash_next = -1;
     if (e.state != kFree) link(static_cast<int64_t>(i));
@@ -213,20 +207,20 @@ void Index::rebuild_chains() {
 // is written last), so the chains are rebuilt from them; then the dead are swept.
 void Index::repair_after_owner_death() {
   validate_header();
-  ++header_->lock_recoveries;
+  ++header_->counters.lock_recoveries;
   rebuild_chains();
   sweep_locked();
 }
 
 void Index::release_proc(uint32_t proc) {
   uint64_t bit = uint64_t{1} << proc;
-  for (uint64_t i = 0; i < header_->slot_count; ++i) {
+  for (uint64_t i = 0; i < header_->geometry.slot_count; ++i) {
     Entry& e = entry(static_cast<int64_t>(i));
     e.readers &= ~bit;
     if (e.state == kWriting && e.writer == static_cast<int32_t>(proc)) {
       unlink(static_cast<int64_t>(i));
       e.state = kFree;
-      ++header_->aborted;
+      ++header_->counters.aborted;
     }
   }
   header_->procs[proc] = Proc{};
@@ -280,7 +274,7 @@ std::optional<std::vector<int64_t>> Index::reserve(uint32_t proc, const std::vec
   attached(proc);
   std::vector<int64_t> result(keys.size(), -1);
   std::vector<size_t> wanted;  // positions of keys that need a slot
-  std::vector<bool> keep(header_->slot_count, false);  // present keys are never victims
+  std::vector<bool> keep(header_->geometry.slot_count, false);  // present keys are never victims
   for (size_t i = 0; i < keys.size(); ++i) {
     int64_t slot = find(key_bytes(keys[i]));
     if (slot >= 0) {
@@ -296,12 +290,12 @@ std::optional<std::vector<int64_t>> Index::reserve(uint32_t proc, const std::vec
   for (int attempt = 0; attempt < 2; ++attempt) {
     std::vector<int64_t> free_slots;
     std::vector<std::pair<uint64_t, int64_t>> evictable;
-    for (uint64_t i = 0; i < header_->slot_count && free_slots.size() < wanted.size(); ++i) {
+    for (uint64_t i = 0; i < header_->geometry.slot_count && free_slots.size() < wanted.size(); ++i) {
       const Entry& e = entry(static_cast<int64_t>(i));
       if (e.state == kFree) free_slots.push_back(static_cast<int64_t>(i));
     }
     if (free_slots.size() < wanted.size()) {
-      for (uint64_t i = 0; i < header_->slot_count; ++i) {
+      for (uint64_t i = 0; i < header_->geometry.slot_count; ++i) {
         const Entry& e = entry(static_cast<int64_t>(i));
         if (e.state == kValid && e.readers == 0 && !keep[i]) evictable.emplace_back(rank(e), static_cast<int64_t>(i));
       }
@@ -315,7 +309,7 @@ std::optional<std::vector<int64_t>> Index::reserve(uint32_t proc, const std::vec
         int64_t victim = evictable[v].second;
         unlink(victim);
         entry(victim).state = kFree;
-        ++header_->evictions;
+        ++header_->counters.evictions;
         free_slots.push_back(victim);
       }
     }
@@ -353,7 +347,7 @@ void Index::commit(uint32_t proc, const std::vector<int64_t>& slots) {
     Entry& e = entry(slot);
     e.inserted = e.last_use = ++header_->tick;
     e.state = kValid;
-    ++header_->stored;
+    ++header_->counters.stored;
   }
 }
 
@@ -363,7 +357,7 @@ void Index::abort(uint32_t proc, const std::vector<int64_t>& slots) {
   for (int64_t slot : slots) {
     unlink(slot);
     entry(slot).state = kFree;
-    ++header_->aborted;
+    ++header_->counters.aborted;
   }
 }
 
@@ -374,13 +368,13 @@ uint64_t Index::lookup(const std::vector<std::string>& keys) {
   for (const std::string& key : keys) {
     int64_t slot = find(key_bytes(key));
     if (slot < 0 || entry(slot).state != kValid) {
-      ++header_->misses;
+      ++header_->counters.misses;
       break;
     }
     touch(entry(slot));
     ++hits;
   }
-  header_->hits += hits;
+  header_->counters.hits += hits;
   return hits;
 }
 
@@ -404,7 +398,7 @@ std::vector<int64_t> Index::pin(uint32_t proc, const std::vector<std::string>& k
     e.readers |= uint64_t{1} << proc;
     touch(e);
   }
-  header_->retrieves += slots.size();
+  header_->counters.retrieves += slots.size();
   return slots;
 }
 
@@ -431,9 +425,9 @@ Stats Index::stats() {
   Guard guard(*this);
   const Header& h = *header_;
   Stats s{};
-  s.slot_count = h.slot_count;
-  s.slot_bytes = h.slot_bytes;
-  for (uint64_t i = 0; i < h.slot_count; ++i) {
+  s.geometry = h.geometry;
+  s.counters = h.counters;
+  for (uint64_t i = 0; i < h.geometry.slot_count; ++i) {
     const Entry& e = entry(static_cast<int64_t>(i));
     s.valid += e.state == kValid;
     s.writing += e.state == kWriting;
@@ -441,13 +435,6 @@ Stats Index::stats() {
     s.pinned += e.readers != 0;
   }
   for (const Proc& p : h.procs) s.attached += p.pid != 0;
-  s.stored = h.stored;
-  s.hits = h.hits;
-  s.misses = h.misses;
-  s.evictions = h.evictions;
-  s.retrieves = h.retrieves;
-  s.aborted = h.aborted;
-  s.lock_recoveries = h.lock_recoveries;
   return s;
 }
 

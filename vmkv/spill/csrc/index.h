@@ -27,7 +27,7 @@ namespace vmkv::spill {
 using shm::SegmentError;
 
 constexpr uint64_t kMagic = 0x4c4c495053564d56ULL;  // "VMVSPILL" little-endian
-constexpr uint32_t kVersion = 1;
+constexpr uint32_t kVersion = 2;
 constexpr uint32_t kMaxProcs = 64;  // processes attached at once (readers are a 64-bit mask)
 constexpr size_t kKeyBytes = 16;
 constexpr size_t kNamespaceBytes = 32;
@@ -55,42 +55,49 @@ struct Entry {
   uint64_t uses;       // hits since commit
 };
 
-struct Header {
-  uint64_t magic;
-  uint32_t version;
-  uint32_t header_bytes;
-  uint32_t entry_bytes;
-  uint32_t policy;
+// Layout of a segment with room for `slot_count` slots of `slot_bytes`.
+struct Geometry {
   uint64_t slot_count;
   uint64_t slot_bytes;   // data bytes of one slot (one block, every layer)
   uint64_t slot_stride;  // distance between slots in the data area
   uint64_t bucket_count;
   uint64_t data_offset;  // from the start of the segment
   uint64_t total_bytes;
+};
+
+struct Counters {
+  uint64_t stored;           // slots committed
+  uint64_t hits;             // keys found by lookup
+  uint64_t misses;           // lookups that stopped at an absent key
+  uint64_t evictions;        // valid slots dropped to make room
+  uint64_t retrieves;        // slots pinned for a read
+  uint64_t aborted;          // reservations dropped (failed copy, dead writer)
+  uint64_t lock_recoveries;  // times a lock holder died and the index was rebuilt
+};
+
+struct Header {
+  uint64_t magic;
+  uint32_t version;
+  uint32_t header_bytes;
+  uint32_t entry_bytes;
+  uint32_t policy;
+  Geometry geometry;
   uint8_t namespace_digest[kNamespaceBytes];
   uint64_t tick;
-  uint64_t lock_recoveries;
-  uint64_t stored;      // slots committed
-  uint64_t hits;        // keys found by lookup
-  uint64_t misses;      // lookups that stopped at an absent key
-  uint64_t evictions;   // valid slots dropped to make room
-  uint64_t retrieves;   // slots pinned for a read
-  uint64_t aborted;     // reservations dropped (failed copy, dead writer)
+  Counters counters;
   uint32_t initialized;
   uint32_t reserved0;
   pthread_mutex_t lock;
   Proc procs[kMaxProcs];
 };
 
+// What the slots hold now (counted under the lock), next to the lifetime counters.
 struct Stats {
-  uint64_t slot_count, slot_bytes, valid, writing, pinned, free, attached;
-  uint64_t stored, hits, misses, evictions, retrieves, aborted, lock_recoveries;
+  uint64_t valid, writing, pinned, free, attached;
+  Geometry geometry;
+  Counters counters;
 };
 
-// Layout of a segment with room for `slot_count` slots of `slot_bytes`.
-struct Geometry {
-  uint64_t slot_count, slot_bytes, slot_stride, bucket_count, data_offset, total_bytes;
-};
 Geometry geometry_for(uint64_t slot_count, uint64_t slot_bytes);
 
 class Index {
