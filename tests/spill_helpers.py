@@ -12,6 +12,8 @@ LAYOUTS = {
     "vllm": (lambda n: [(2, n, 16, 2, 16)] * 3, 1),
     # separate K and V per layer, odd sizes so parts need alignment padding
     "split": (lambda n: [(n, 3, 5)] * 4, 0),
+    # blocks last: a block is strided across the whole tensor
+    "strided": (lambda n: [(8, 4, n)] * 2, 2),
 }
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.float8_e4m3fn]

@@ -29,6 +29,8 @@ from vmkv.spill import (
     Transfer,
 )
 from vmkv.spill.host_tier import user_tiers
+from vmkv.spill.layout import BlockLayout
+from vmkv.spill.transfer import _GridCopies, _PartCopies
 from vmkv.vmm_ops import open_vmm
 
 NS = Namespace("test/model", "auto", 16, hash_seed="t")
@@ -64,6 +66,45 @@ def test_round_trip_is_bit_exact(layout, dtype, namespace):
         assert not tensors[0].select(block_dim, 11).any()  # untouched blocks stay untouched
     finally:
         store.close()
+
+
+def test_layer_tensors_of_one_buffer_form_one_grid():
+    # vLLM's (2, num_blocks, ...) layer tensors back to back, as in a vmkv KV space.
+    memory = torch.zeros(3 * 2 * 8 * 16 * 64, dtype=torch.bfloat16)
+    tensors = [t.view(2, 8, 16, 64) for t in memory.chunk(3)]
+    grid = BlockLayout(tensors, block_dim=1).grid
+    assert grid is not None
+    assert grid.address == memory.data_ptr()
+    assert grid.row_bytes == 16 * 64 * 2  # a block's K (or V) row in one layer
+    assert grid.first_rows == (0, 8, 16, 24, 32, 40)  # K then V, layer by layer
+    assert grid.block_strides == (1,) * 6
+    assert grid.span_rows == 48
+
+
+def test_padded_parts_have_no_grid():
+    tensors, block_dim = make_kv("split", 8, torch.float16)  # 30-byte parts need padding
+    assert BlockLayout(tensors, block_dim).grid is None
+
+
+@pytest.mark.parametrize("layout", ["flat", "vllm", "strided"])
+def test_grid_copies_match_part_copies(layout):
+    """Both ways of moving blocks write the same slot bytes, so processes that take
+    different ways still share blocks."""
+    tensors, block_dim = make_kv(layout, 16, torch.float32)
+    for block in range(16):
+        fill_block(tensors, block_dim, block, seed=block)
+    layout_ = BlockLayout(tensors, block_dim)
+    assert layout_.grid is not None
+    by_grid, by_parts = _GridCopies(layout_.grid, layout_.device), _PartCopies(layout_)
+    blocks = torch.tensor([5, 0, 11])
+    slots = [torch.zeros(3, layout_.slot_bytes, dtype=torch.uint8) for _ in range(2)]
+    by_grid.gather(by_grid.index(blocks), slots[0])
+    by_parts.gather(by_parts.index(blocks), slots[1])
+    assert torch.equal(slots[0], slots[1])
+    by_grid.scatter(by_grid.index(torch.tensor([1, 2, 3])), slots[0])
+    for target, seed in zip([1, 2, 3], [5, 0, 11], strict=True):
+        assert block_matches(tensors, block_dim, target, seed)
+    assert block_matches(tensors, block_dim, 4, seed=4)
 
 
 @settings(max_examples=25, deadline=None)

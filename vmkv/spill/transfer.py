@@ -10,6 +10,9 @@ engine's compute stream. Completion is an event, polled or waited on.
 
 On the host backend the KV tensors already live in host memory: blocks are gathered
 straight into the slots, synchronously.
+
+A regular layout (see :class:`RowGrid`) is gathered with one indexed copy per chunk;
+any other, part by part.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from vmkv.allocator.tensors import tensor_at
 from vmkv.spill.host_tier import HostTier
-from vmkv.spill.layout import BlockLayout
+from vmkv.spill.layout import BlockLayout, RowGrid
 
 if TYPE_CHECKING:
     import torch
@@ -77,29 +81,83 @@ def _part_view(rows: torch.Tensor, part_index: int, layout: BlockLayout) -> torc
     return chunk.view(part.view.dtype).unflatten(1, part.view.shape[1:])
 
 
+class _PartCopies:
+    """Gathers and scatters part by part: works for any layout, one copy per part."""
+
+    def __init__(self, layout: BlockLayout) -> None:
+        self.layout = layout
+
+    def index(self, blocks: torch.Tensor) -> torch.Tensor:
+        return blocks
+
+    def gather(self, index: torch.Tensor, rows: torch.Tensor) -> None:
+        for i, part in enumerate(self.layout.parts):
+            _part_view(rows, i, self.layout).copy_(part.view.index_select(0, index))
+
+    def scatter(self, index: torch.Tensor, rows: torch.Tensor) -> None:
+        for i, part in enumerate(self.layout.parts):
+            part.view.index_put_((index,), _part_view(rows, i, self.layout))
+
+
+class _GridCopies:
+    """Gathers and scatters all parts of a regular layout with one indexed copy."""
+
+    def __init__(self, grid: RowGrid, device: torch.device) -> None:
+        import torch
+
+        width = next(w for w in (8, 4, 2, 1) if grid.row_bytes % w == 0 and grid.address % w == 0)
+        dtype = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[width]
+        kind = {"cpu": "host", "cuda": "cuda", "npu": "acl"}[device.type]
+        self.memory = tensor_at(
+            kind, device.index or 0, grid.address, dtype, (grid.span_rows, grid.row_bytes // width)
+        )
+        self._first = torch.tensor(grid.first_rows, dtype=torch.long, device=device)
+        self._stride = torch.tensor(grid.block_strides, dtype=torch.long, device=device)
+
+    def index(self, blocks: torch.Tensor) -> torch.Tensor:
+        """(blocks, rows per block): the memory rows of each block, in slot order."""
+        return self._first + blocks.unsqueeze(1) * self._stride
+
+    def _slot_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.view(self.memory.dtype).view(-1, self.memory.shape[1])
+
+    def gather(self, index: torch.Tensor, rows: torch.Tensor) -> None:
+        import torch
+
+        torch.index_select(self.memory, 0, index.reshape(-1), out=self._slot_rows(rows))
+
+    def scatter(self, index: torch.Tensor, rows: torch.Tensor) -> None:
+        self.memory.index_copy_(0, index.reshape(-1), self._slot_rows(rows))
+
+
+def _copies(layout: BlockLayout) -> _PartCopies | _GridCopies:
+    return _PartCopies(layout) if layout.grid is None else _GridCopies(layout.grid, layout.device)
+
+
 class HostMover:
     """Copies for KV tensors in host memory (the host backend): synchronous."""
 
     def __init__(self, layout: BlockLayout, tier: HostTier) -> None:
         self.layout = layout
         self.tier = tier
+        self._copies = _copies(layout)
 
-    def save(self, runs: list[Run]) -> Completion:
+    def _runs(self, runs: list[Run]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         import torch
 
-        for run in runs:
-            rows, index = self.tier.run(run.first_slot, len(run.blocks)), torch.tensor(run.blocks)
-            for i, part in enumerate(self.layout.parts):
-                _part_view(rows, i, self.layout).copy_(part.view.index_select(0, index))
+        return [
+            (self._copies.index(torch.tensor(run.blocks)), self.tier.run(run.first_slot, len(run.blocks)))
+            for run in runs
+        ]
+
+    def save(self, runs: list[Run]) -> Completion:
+        for index, rows in self._runs(runs):
+            self._copies.gather(index, rows)
         return _Done()
 
     def load(self, runs: list[Run]) -> Completion:
-        import torch
-
-        for run in runs:
-            rows, index = self.tier.run(run.first_slot, len(run.blocks)), torch.tensor(run.blocks)
-            for i, part in enumerate(self.layout.parts):
-                part.view.index_put_((index,), _part_view(rows, i, self.layout))
+        for index, rows in self._runs(runs):
+            self._copies.scatter(index, rows)
         return _Done()
 
 
@@ -115,6 +173,7 @@ class StreamMover:
         self.layout = layout
         self.tier = tier
         self.device = layout.device
+        self._copies = _copies(layout)
         self._api = torch.get_device_module(self.device)
         stride = tier.slot_stride
         self.chunk_blocks = max(1, staging_bytes // 2 // stride)
@@ -142,14 +201,15 @@ class StreamMover:
 
     def _begin(self, runs: list[Run]) -> torch.Tensor:
         """Orders this transfer after the engine's queued work (writes to blocks being
-        saved, reads of blocks being loaded into) and uploads the block ids."""
+        saved, reads of blocks being loaded into), uploads the block ids and indexes them."""
         import torch
 
         self._gather_stream.wait_stream(self._api.current_stream(self.device))
         blocks = [b for run in runs for b in run.blocks]
         with self._api.stream(self._gather_stream):
             # Pinned, so the upload is asynchronous and never waits for earlier transfers.
-            return torch.tensor(blocks, dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
+            uploaded = torch.tensor(blocks, dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
+            return self._copies.index(uploaded)
 
     def _event(self, stream: torch.Stream) -> torch.Event:
         event = self._api.Event()
@@ -166,9 +226,7 @@ class StreamMover:
                 if (free := self._buffer_free[buffer]) is not None:
                     gather.wait_event(free)
                 rows = self._buffers[buffer][:count]
-                chunk_index = index[offset : offset + count]
-                for i, part in enumerate(self.layout.parts):
-                    _part_view(rows, i, self.layout).copy_(part.view.index_select(0, chunk_index))
+                self._copies.gather(index[offset : offset + count], rows)
                 gathered = self._event(gather)
             with self._api.stream(copy):
                 copy.wait_event(gathered)
@@ -191,9 +249,7 @@ class StreamMover:
                 copied = self._event(copy)
             with self._api.stream(gather):
                 gather.wait_event(copied)
-                chunk_index = index[offset : offset + count]
-                for i, part in enumerate(self.layout.parts):
-                    part.view.index_put_((chunk_index,), _part_view(rows, i, self.layout))
+                self._copies.scatter(index[offset : offset + count], rows)
                 self._buffer_free[buffer] = self._event(gather)
         return self._event(gather)
 
