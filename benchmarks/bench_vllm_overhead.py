@@ -83,7 +83,10 @@ def main() -> None:
     vanilla = sum(r["vanilla_tok_s"] for r in rows) / len(rows)
     elastic = sum(r["vmkv_tok_s"] for r in rows) / len(rows)
     print(f"vmkv / vanilla throughput: {elastic / vanilla:.3f} (goal >= 0.99)")
-    emit({"bench": "vllm_overhead", "rounds": rows, "ratio": elastic / vanilla}, args.json)
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    emit({"bench": "vllm_overhead", "device": device, "rounds": rows, "ratio": elastic / vanilla}, args.json)
 
 
 if __name__ == "__main__":

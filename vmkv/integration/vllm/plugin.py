@@ -1,11 +1,13 @@
 """The vLLM plugin: ``register()`` runs in every vLLM process (entry point group
 ``vllm.general_plugins``). With VMKV unset or 0 it does nothing, so vLLM is vanilla.
 
-With VMKV=1 it checks the version (vmkv.integration.versions) and then replaces two
-names, both looked up by attribute, never by reading source:
+With VMKV=1 it checks the version (vmkv.integration.versions) and then replaces a few
+names, all looked up by attribute, never by reading source:
 
-* ``gpu_model_runner.allocate_kv_cache``: the worker's KV tensors come from a vmkv KV
-  space (``GPUModelRunner.initialize_kv_cache`` is wrapped to skip profiling caches);
+* the worker's KV allocation, so its KV tensors come from a vmkv KV space:
+  ``gpu_model_runner.allocate_kv_cache`` on 0.32; on 0.26 the V1 runner's
+  ``_allocate_kv_cache_tensors`` and the V2 runner's ``attn_utils._allocate_kv_cache``
+  (``GPUModelRunner.initialize_kv_cache`` is wrapped to leave profiling caches vanilla);
 * ``kv_cache_coordinator.BlockPool``: the scheduler's pool becomes elastic.
 
 Every hook target is checked before anything is replaced, so a vLLM that lacks one is
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from typing import Any
 
 from vmkv.integration.versions import require
 
@@ -28,32 +32,44 @@ def enabled() -> bool:
     return os.environ.get("VMKV", "0").strip().lower() not in ("", "0", "false", "no", "off")
 
 
+def _hooks(line: str) -> list[tuple[Any, str, Callable[[Any], Any]]]:
+    """(owner, attribute, original -> replacement) for a supported release line."""
+    from vllm.v1.core import kv_cache_coordinator
+    from vllm.v1.worker import gpu_model_runner
+
+    from vmkv.integration.vllm import worker
+    from vmkv.integration.vllm.block_pool import VmkvBlockPool
+
+    runner = gpu_model_runner.GPUModelRunner
+    common = [
+        (runner, "initialize_kv_cache", worker.wrap_initialize_kv_cache),
+        (kv_cache_coordinator, "BlockPool", lambda _: VmkvBlockPool),
+    ]
+    if line == "0.32":
+        return [(gpu_model_runner, "allocate_kv_cache", lambda _: worker.allocate_kv_cache), *common]
+    from vllm.v1.worker.gpu import attn_utils
+
+    return [
+        (runner, "_allocate_kv_cache_tensors", worker.wrap_allocate_kv_cache_tensors),
+        (attn_utils, "_allocate_kv_cache", lambda _: worker.allocate_raw_kv_cache_v2),
+        *common,
+    ]
+
+
 def register() -> None:
     global _installed
     if not enabled() or _installed:
         return
     import vllm
-    from vllm.v1.core import kv_cache_coordinator
-    from vllm.v1.worker import gpu_model_runner
 
     line = require("vllm", vllm.__version__)
-    targets = [
-        (gpu_model_runner, "allocate_kv_cache"),
-        (gpu_model_runner.GPUModelRunner, "initialize_kv_cache"),
-        (kv_cache_coordinator, "BlockPool"),
-    ]
+    hooks = _hooks(line)
     missing = [
-        f"{getattr(owner, '__name__', owner)}.{name}" for owner, name in targets if not hasattr(owner, name)
+        f"{getattr(owner, '__name__', owner)}.{name}" for owner, name, _ in hooks if not hasattr(owner, name)
     ]
     if missing:
         raise RuntimeError(f"vLLM {vllm.__version__} lacks vmkv's hook points {missing}; nothing was changed")
-
-    from vmkv.integration.vllm import worker
-    from vmkv.integration.vllm.block_pool import VmkvBlockPool
-
-    gpu_model_runner.allocate_kv_cache = worker.allocate_kv_cache
-    runner = gpu_model_runner.GPUModelRunner
-    runner.initialize_kv_cache = worker.wrap_initialize_kv_cache(runner.initialize_kv_cache)
-    kv_cache_coordinator.BlockPool = VmkvBlockPool
+    for owner, name, replace in hooks:
+        setattr(owner, name, replace(getattr(owner, name)))
     _installed = True
     log.info("vmkv %s hooks installed (vLLM %s, pid %d)", line, vllm.__version__, os.getpid())

@@ -1,5 +1,11 @@
 """Worker side: vLLM's KV cache tensors, backed by a vmkv KV space.
 
+vLLM 0.26 allocates one zero-filled raw buffer per ``KVCacheTensor`` (shared by its
+layers) and reshapes it with the attention backend's shape. Here each raw buffer is a
+buffer of a KV space instead (:func:`allocate_raw_kv_cache`). Mapping a KV page backs
+the same blocks in every buffer, which is right only if a block is one contiguous slice
+of each buffer: the pool checks that on the reshaped tensors (:func:`check_blocks_outermost`).
+
 vLLM 0.32 allocates one zero-filled backing buffer and views it per layer; block ``b``
 of layer ``l`` sits at ``offset + l * layer_stride + b * block_stride``. Here each layer
 is a buffer of a KV space instead, and vLLM's own ``create_kv_cache_views`` makes the
@@ -27,7 +33,9 @@ if TYPE_CHECKING:
 @dataclasses.dataclass
 class WorkerKV:
     stack: KVStack
-    layer_views: list[torch.Tensor]  # in layer order: what the spill tier copies
+    layer_views: list[torch.Tensor]  # in layer order, blocks first: what the spill tier copies
+    kv_dtype: str  # the model's KV cache dtype (part of the spill namespace)
+    bound_layers: dict[str, Any] = dataclasses.field(default_factory=dict)  # vLLM's attention layers
     block_pool: Any = None  # the scheduler's VmkvBlockPool over this cache, once built
 
 
@@ -112,8 +120,81 @@ def allocate_kv_cache(
             kernel_block_size,
         )
         kv_caches.update(zip(tensor.layers, views, strict=True))
-    _worker = WorkerKV(stack, [kv_caches[name] for name in first.layers])
+    dtype = str(kv_caches[first.layers[0]].dtype)
+    _worker = WorkerKV(stack, [kv_caches[name] for name in first.layers], dtype)
     return kv_caches
+
+
+def allocate_raw_kv_cache(kv_cache_config: KVCacheConfig, device: torch.device) -> dict[str, torch.Tensor]:
+    """Drop-in for vLLM 0.26's raw KV allocation: one int8 buffer of ``size`` bytes per
+    ``KVCacheTensor``, shared by its layers, each a buffer of one KV space."""
+    import torch
+    from vllm.config import get_current_vllm_config
+
+    global _worker
+    tensors = kv_cache_config.kv_cache_tensors
+    if not tensors:
+        return {}
+    num_blocks = kv_cache_config.num_blocks
+    if any(t.block_stride for t in tensors) or any(t.size % num_blocks for t in tensors):
+        raise UnsupportedKVLayout(
+            "vmkv needs one KV buffer per layer whose size is a whole number of blocks "
+            "(vLLM's packed cross-layer layout is not supported); unset VMKV"
+        )
+    if _worker is not None:
+        raise RuntimeError("vmkv allocates one KV cache per process; this one already has it")
+    stack = KVStack(device, [t.size // num_blocks for t in tensors], num_blocks, _settings())
+    raw: dict[str, torch.Tensor] = {}
+    views: list[torch.Tensor] = []
+    for i, tensor in enumerate(tensors):
+        buffer = stack.space.tensor(i, torch.int8, (tensor.size,))
+        raw.update(dict.fromkeys(tensor.shared_by, buffer))
+        views.append(buffer.view(num_blocks, tensor.size // num_blocks))
+    spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
+    layers = get_current_vllm_config().compilation_config.static_forward_context
+    bound = {name: layers[name] for t in tensors for name in t.shared_by if name in layers}
+    _worker = WorkerKV(stack, views, str(getattr(spec, "dtype", "auto")), bound)
+    return raw
+
+
+def allocate_raw_kv_cache_v2(
+    kv_cache_config: KVCacheConfig, shared_layers: dict[str, str], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Drop-in for vLLM 0.26's V2 runner ``attn_utils._allocate_kv_cache``."""
+    return allocate_raw_kv_cache(kv_cache_config, device)
+
+
+def wrap_allocate_kv_cache_tensors(original: Callable[..., dict[str, torch.Tensor]]) -> Callable[..., Any]:
+    """vLLM 0.26's V1 ``GPUModelRunner._allocate_kv_cache_tensors``, over a KV space
+    except for profiling-only caches."""
+
+    @functools.wraps(original)
+    def _allocate_kv_cache_tensors(self: Any, kv_cache_config: KVCacheConfig) -> dict[str, torch.Tensor]:
+        if _profiling:
+            return original(self, kv_cache_config)
+        return allocate_raw_kv_cache(kv_cache_config, self.device)
+
+    return _allocate_kv_cache_tensors
+
+
+def check_blocks_outermost(worker: WorkerKV) -> None:
+    """Raises UnsupportedKVLayout unless every bound layer's KV tensor keeps each block
+    in one contiguous slice of its buffer (the block dimension has the largest stride)."""
+    num_blocks = worker.layer_views[0].shape[0]
+    for name, layer in worker.bound_layers.items():
+        cache = getattr(layer, "kv_cache", None)
+        caches = cache if isinstance(cache, list) else [cache]
+        for tensor in caches:
+            if tensor is None or tensor.numel() == 0:
+                continue
+            dim = max(range(tensor.dim()), key=tensor.stride)
+            blocks, stride = tensor.shape[dim], tensor.stride(dim) * tensor.element_size()
+            whole = tensor.untyped_storage().nbytes()
+            if blocks * stride != whole or blocks % num_blocks:
+                raise UnsupportedKVLayout(
+                    f"layer {name}'s KV cache {tuple(tensor.shape)} (strides {tensor.stride()}) does "
+                    "not keep a block contiguous; this attention backend cannot run on vmkv, unset VMKV"
+                )
 
 
 def wrap_initialize_kv_cache(original: Callable[..., None]) -> Callable[..., None]:

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# vmkv with real vLLM 0.26 on the GPU machine, once ../shared/gpu-vllm's pieces are
+# installed into /tmp/site (see README, GPU runs). Logs and JSON go to $OUT.
+#   bash scripts/gpu_vllm.sh tests   the GPU vLLM tests (tiny model, vanilla vs vmkv)
+#   bash scripts/gpu_vllm.sh bench   throughput on vmkv / vanilla, 886M model in /tmp/model
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/vmkv-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0
+export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+if ls .whl/*.whl >/dev/null 2>&1; then  # posix_ipc, which the image lacks
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > "$OUT/wheels.log" 2>&1
+fi
+python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+case "${1:-tests}" in
+tests)
+  python3 -m pytest -q -p no:cacheprovider tests/test_gpu_vllm.py tests/test_vllm.py 2>&1 | tee "$OUT/pytest-gpu-vllm.log" | tail -15
+  exit "${PIPESTATUS[0]}" ;;
+bench)
+  [ -f /tmp/model/config.json ] || bash /tmp/gpu-vllm/device.sh model /tmp/model > "$OUT/model.log" 2>&1
+  (cd benchmarks && python3 bench_vllm_overhead.py /tmp/model --kv-bytes $((4 << 30)) --prompts 128 \
+     --max-tokens 128 --rounds "${ROUNDS:-2}" --json) 2>&1 | tee "$OUT/bench_vllm_overhead_gpu.txt" | tail -6 ;;
+*) echo "usage: gpu_vllm.sh tests|bench"; exit 2 ;;
+esac

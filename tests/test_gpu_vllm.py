@@ -1,0 +1,45 @@
+"""Real vLLM on a GPU (vLLM 0.26 on the GPU machine) with and without vmkv: KV tensors
+in CUDA VMM memory, FlashAttention kernels reading them, the elastic block pool."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_vllm import engine_env, run_vllm, segment, tiny_model  # noqa: F401  (fixtures)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+PAGE = 2 << 20  # the CUDA allocation granularity
+BF16 = ("--dtype", "bfloat16")  # FlashAttention's dtypes
+
+
+def gpu_env(vmkv: bool, segment_name: str | None = None, **extra: str) -> dict[str, str]:
+    return engine_env(vmkv, segment_name, VMKV_PAGE_BYTES=str(PAGE), VMKV_BUDGET=str(64 * PAGE), **extra)
+
+
+def test_greedy_outputs_on_the_gpu_are_identical_with_vmkv(tiny_model, segment):  # noqa: F811
+    kv = ("--kv-bytes", str(16 << 20))
+    vanilla = run_vllm(tiny_model, "basic", gpu_env(False), *BF16, *kv)
+    elastic = run_vllm(tiny_model, "basic", gpu_env(True, segment), *BF16, *kv)
+    assert all(vanilla["texts"])
+    assert elastic["texts"] == vanilla["texts"]
+    stats = elastic["vmkv"]
+    assert stats["mapped_pages"] >= 1 and stats["created_pages"] >= 1, stats
+
+
+def test_preemption_on_the_gpu_gives_the_same_outputs(tiny_model, segment):  # noqa: F811
+    kv = ("--kv-bytes", str(1 << 20))  # 32 blocks of 32 tokens for sixteen ~100-token prompts
+    vanilla = run_vllm(tiny_model, "pressure", gpu_env(False), *BF16, *kv)
+    elastic = run_vllm(tiny_model, "pressure", gpu_env(True, segment), *BF16, *kv)
+    assert elastic["preemptions"] > 0
+    assert elastic["texts"] == vanilla["texts"]
+
+
+def test_prefix_hits_on_the_gpu_give_the_same_outputs(tiny_model, segment):  # noqa: F811
+    kv = ("--kv-bytes", str(16 << 20))
+    vanilla = run_vllm(tiny_model, "prefix", gpu_env(False), *BF16, *kv)
+    elastic = run_vllm(tiny_model, "prefix", gpu_env(True, segment), *BF16, *kv)
+    assert elastic["texts"] == vanilla["texts"] == elastic["texts_again"] == vanilla["texts_again"]
