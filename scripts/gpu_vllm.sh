@@ -12,6 +12,11 @@ export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 if ls .whl/*.whl >/dev/null 2>&1; then  # posix_ipc, which the image lacks
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > "$OUT/wheels.log" 2>&1
 fi
+# vLLM finds plugins by entry point: give this checkout's vmkv one without installing it.
+mkdir -p /tmp/site/vmkv-0.dev0.dist-info
+printf 'Metadata-Version: 2.1\nName: vmkv\nVersion: 0.dev0\n' > /tmp/site/vmkv-0.dev0.dist-info/METADATA
+printf '[vllm.general_plugins]\nvmkv = vmkv.integration.vllm.plugin:register\n' \
+  > /tmp/site/vmkv-0.dev0.dist-info/entry_points.txt
 python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 case "${1:-tests}" in
 tests)

@@ -167,3 +167,23 @@ def test_free_capacity_and_null_block():
     with pytest.raises(ValueError, match="null block"):
         allocator.free([NULL_BLOCK])
     vmm.close()
+
+
+def test_an_engine_block_count_short_of_whole_pages_is_never_exceeded():
+    # vLLM picks its block count before vmkv rounds the space up to whole pages.
+    vmm = open_vmm("host", page_size=PAGE, host_capacity=64 * PAGE)
+    try:
+        space = KVSpace(PagePool(vmm), [BLOCK_BYTES, BLOCK_BYTES], 38)
+        assert space.capacity_blocks == 40
+        allocator = BlockAllocator(space, num_blocks=38)
+        assert allocator.num_free_blocks() == 37  # all but the null block
+        blocks = allocator.alloc(37)
+        assert blocks is not None and max(blocks) == 37 and len(set(blocks)) == 37
+        assert allocator.alloc(1) is None  # a miss, not block 38
+        allocator.free(blocks)
+        assert allocator.num_free_blocks() == 37
+        assert allocator.stats().mapped_pages == 2  # the null block's page and the short last page
+        with pytest.raises(ValueError, match=r"num_blocks must be in \[1, 40\], got 41"):
+            BlockAllocator(space, num_blocks=41)
+    finally:
+        vmm.close()

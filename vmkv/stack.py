@@ -94,7 +94,9 @@ class KVStack:
         )
         self.pool = PagePool(self.vmm, lease=self.instance)
         self.space = KVSpace(self.pool, block_bytes, num_blocks)
-        self.allocator = BlockAllocator(self.space, keep_free_pages=settings.keep_free_pages)
+        self.allocator = BlockAllocator(
+            self.space, keep_free_pages=settings.keep_free_pages, num_blocks=num_blocks
+        )
         self.reclaimer = Reclaimer(self.pool, [self.allocator])
         self.instance.reclaimer = self.reclaimer
         self.spill: SpillStore | None = None

@@ -62,13 +62,23 @@ class BlockAllocator:
     from the other instances, so it is retried for up to ``startup_wait_s``.
     """
 
-    def __init__(self, space: KVSpace, keep_free_pages: int = 0, startup_wait_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        space: KVSpace,
+        keep_free_pages: int = 0,
+        startup_wait_s: float = 10.0,
+        num_blocks: int | None = None,
+    ) -> None:
         if keep_free_pages < 0:
             raise ValueError(f"keep_free_pages must be >= 0, got {keep_free_pages}")
+        if num_blocks is not None and not 0 < num_blocks <= space.capacity_blocks:
+            raise ValueError(f"num_blocks must be in [1, {space.capacity_blocks}], got {num_blocks}")
         self.space = space
         self.keep_free_pages = keep_free_pages
         self.blocks_per_page = space.blocks_per_page
-        self.num_blocks = space.capacity_blocks
+        # The engine's block count; the space rounds it up to whole pages. Ids past it are
+        # never handed out, so the last page may hold fewer blocks (and then stays mapped).
+        self.num_blocks = num_blocks if num_blocks is not None else space.capacity_blocks
         # alloc/free come from the engine; trim and cold reclaim come from the coordinator's
         # thread. Engine layers hold it too while they change which blocks are cached.
         self.lock = threading.RLock()
@@ -78,6 +88,7 @@ class BlockAllocator:
         # _pages_by_free[k]: mapped pages with exactly k free blocks.
         self._pages_by_free: list[set[int]] = [set() for _ in range(self.blocks_per_page + 1)]
         self._unmapped: list[int] = list(range(space.num_pages))  # a heap: lowest first
+        self._unmapped_blocks = self.num_blocks
         self._free_mapped = 0
         self._used = 0
         self._misses = 0
@@ -95,7 +106,7 @@ class BlockAllocator:
 
     def num_free_blocks(self) -> int:
         """Blocks this allocator could still hand out if physical memory allows."""
-        return self._free_mapped + len(self._unmapped) * self.blocks_per_page
+        return self._free_mapped + self._unmapped_blocks
 
     def num_free_mapped_blocks(self) -> int:
         """Free blocks on mapped pages: handed out without mapping anything."""
@@ -145,7 +156,7 @@ class BlockAllocator:
         shortfall = count - self._free_mapped
         if shortfall > 0:
             pages = -(-shortfall // self.blocks_per_page)
-            if pages > len(self._unmapped) or not self._map_new_pages(pages):
+            if shortfall > self._unmapped_blocks or not self._map_new_pages(pages):
                 self._misses += 1
                 return None
         blocks: list[int] = []
@@ -227,9 +238,11 @@ class BlockAllocator:
             return False
         bpp = self.blocks_per_page
         for page in pages:
-            self._free_slots[page] = list(range((page + 1) * bpp - 1, page * bpp - 1, -1))
-            self._pages_by_free[bpp].add(page)
-        self._free_mapped += count * bpp
+            end = min((page + 1) * bpp, self.num_blocks)
+            self._free_slots[page] = list(range(end - 1, page * bpp - 1, -1))
+            self._pages_by_free[end - page * bpp].add(page)
+            self._free_mapped += end - page * bpp
+            self._unmapped_blocks -= end - page * bpp
         return True
 
     def _release_empty_pages(self, keep: int) -> int:
@@ -244,4 +257,5 @@ class BlockAllocator:
             del self._free_slots[page]
             heapq.heappush(self._unmapped, page)
         self._free_mapped -= excess * self.blocks_per_page
+        self._unmapped_blocks += excess * self.blocks_per_page
         return excess

@@ -6,8 +6,9 @@ names, all looked up by attribute, never by reading source:
 
 * the worker's KV allocation, so its KV tensors come from a vmkv KV space:
   ``gpu_model_runner.allocate_kv_cache`` on 0.32; on 0.26 the V1 runner's
-  ``_allocate_kv_cache_tensors`` and the V2 runner's ``attn_utils._allocate_kv_cache``
-  (``GPUModelRunner.initialize_kv_cache`` is wrapped to leave profiling caches vanilla);
+  ``_allocate_kv_cache_tensors`` (the V2 runner's ``attn_utils._allocate_kv_cache``
+  refuses with a clear error; vmkv selects the V1 runner unless told otherwise), and
+  ``GPUModelRunner.initialize_kv_cache`` is wrapped to leave profiling caches vanilla;
 * ``kv_cache_coordinator.BlockPool``: the scheduler's pool becomes elastic.
 
 Every hook target is checked before anything is replaced, so a vLLM that lacks one is
@@ -26,6 +27,9 @@ from vmkv.integration.versions import require
 log = logging.getLogger("vmkv")
 
 _installed = False
+# vLLM 0.26's V2 model runner faults in FlashAttention on vmkv memory (H100, 2026-11-23):
+# vmkv selects the V1 runner unless the user chose otherwise, and then refuses.
+V2_RUNNER = "VLLM_USE_V2_MODEL_RUNNER"
 
 
 def enabled() -> bool:
@@ -51,7 +55,7 @@ def _hooks(line: str) -> list[tuple[Any, str, Callable[[Any], Any]]]:
 
     return [
         (runner, "_allocate_kv_cache_tensors", worker.wrap_allocate_kv_cache_tensors),
-        (attn_utils, "_allocate_kv_cache", lambda _: worker.allocate_raw_kv_cache_v2),
+        (attn_utils, "_allocate_kv_cache", lambda _: worker.refuse_v2_runner),
         *common,
     ]
 
@@ -69,6 +73,9 @@ def register() -> None:
     ]
     if missing:
         raise RuntimeError(f"vLLM {vllm.__version__} lacks vmkv's hook points {missing}; nothing was changed")
+    if line == "0.26" and os.environ.setdefault(V2_RUNNER, "0") == "0":
+        # Read when vLLM builds its config, after plugins load; children inherit it.
+        log.info("vmkv: vLLM 0.26 runs its V1 model runner (%s=0)", V2_RUNNER)
     for owner, name, replace in hooks:
         setattr(owner, name, replace(getattr(owner, name)))
     _installed = True

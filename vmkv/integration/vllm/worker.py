@@ -157,11 +157,12 @@ def allocate_raw_kv_cache(kv_cache_config: KVCacheConfig, device: torch.device) 
     return raw
 
 
-def allocate_raw_kv_cache_v2(
-    kv_cache_config: KVCacheConfig, shared_layers: dict[str, str], device: torch.device
-) -> dict[str, torch.Tensor]:
-    """Drop-in for vLLM 0.26's V2 runner ``attn_utils._allocate_kv_cache``."""
-    return allocate_raw_kv_cache(kv_cache_config, device)
+def refuse_v2_runner(*_: Any) -> dict[str, torch.Tensor]:
+    """In place of vLLM 0.26's V2 runner KV allocation, which vmkv does not support yet."""
+    raise UnsupportedKVLayout(
+        "vmkv supports vLLM 0.26's V1 model runner only: set VLLM_USE_V2_MODEL_RUNNER=0 "
+        "(vmkv does when it is unset), or unset VMKV"
+    )
 
 
 def wrap_allocate_kv_cache_tensors(original: Callable[..., dict[str, torch.Tensor]]) -> Callable[..., Any]:
