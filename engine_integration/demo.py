@@ -12,13 +12,11 @@ timeline (demo-memory.csv, and demo-memory.png when matplotlib is installed).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,8 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent / "benchmark"))
 from servers import VllmServer, server_env
 
-from vmkv.coordinator import Segment
 from vmkv.coordinator.segment import remove_segment
+from vmkv.coordinator.timeline import Timeline
 from vmkv.spill import tier_stats, user_tiers
 
 PAGE = 256 << 10
@@ -43,32 +41,6 @@ def tiny_model() -> Path:
         script = Path(__file__).parent / "scripts" / "make_tiny_model.py"
         subprocess.run([sys.executable, str(script), str(out)], check=True, capture_output=True)
     return out
-
-
-class Timeline:
-    """Samples each instance's held memory from the coordinator, five times a second."""
-
-    def __init__(self, segment: str) -> None:
-        self.segment = Segment.attach(segment)
-        self.rows: list[tuple[float, str, int]] = []
-        self.start = time.monotonic()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        page = self.segment.table.page_size
-        while not self._stop.wait(0.2):
-            now = time.monotonic() - self.start
-            for row in self.segment.table.snapshot():
-                self.rows.append((now, row["name"], row["held"] * page))
-
-    def peak(self, name: str, since: float, until: float) -> int:
-        return max((b for t, n, b in self.rows if n == name and since <= t <= until), default=0)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def burst(server: VllmServer, requests: int) -> tuple[list[float], int]:
@@ -124,6 +96,8 @@ def main() -> int:
     logs = Path(tempfile.mkdtemp(prefix="vmkv-demo-"))
     settings = {"VMKV_SEGMENT": segment, "VMKV_BUDGET": str(BUDGET), "VMKV_PAGE_BYTES": str(PAGE)}
     settings |= {"VMKV_CPU_BYTES": "64M", "VMKV_KEEP_FREE_PAGES": "0"}
+    # The servers' spill tier in this run's private directory, apart from any other run's.
+    settings["VMKV_SPILL_DIR"] = os.environ["VMKV_SPILL_DIR"] = str(logs)
     print(f"vLLM servers a, b on vmkv: budget {BUDGET >> 20} MiB, {KV_BYTES >> 20} MiB KV each; logs: {logs}")
     servers = {
         n: VllmServer(model, server_env(True, VMKV_NAME=n, **settings), logs / f"{n}.log", KV_BYTES)
@@ -139,9 +113,9 @@ def main() -> int:
         columns += [("peak a MiB", 10), ("peak b MiB", 10)]
         print("\n" + " ".join(f"{name:>{width}}" for name, width in columns))
         for i, busy in enumerate(PHASES, 1):
-            start = time.monotonic() - timeline.start
+            start = timeline.now()
             latencies, errors = burst(servers[busy], args.requests)
-            end = time.monotonic() - timeline.start
+            end = timeline.now()
             time.sleep(0.4)
             phases.append((busy, start, end))
             peaks = [timeline.peak(n, start, end + 0.4) / 2**20 for n in "ab"]
@@ -149,8 +123,7 @@ def main() -> int:
             row = f"{i:>5} {busy:>6} {len(latencies):>4} {errors:>6} {p50:>6.2f}"
             print(f"{row} {peaks[0]:>10.2f} {peaks[1]:>10.2f}")
         timeline.close()
-        with (args.out / "demo-memory.csv").open("w", newline="") as f:
-            csv.writer(f).writerows([("seconds", "server", "held_bytes"), *timeline.rows])
+        timeline.write_csv(args.out / "demo-memory.csv")
         picture = plot(timeline, phases, args.out / "demo-memory.png")
         print(f"\nmemory timeline: {args.out / 'demo-memory.csv'}, plot: {picture}")
         for name in user_tiers():

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from vmkv.allocator import NULL_BLOCK, BlockAllocator, KVSpace, PagePool
+from vmkv.allocator.kv_space import blocks_are_outermost
 from vmkv.vmm_ops import open_vmm
 
 PAGE = 64 * 1024
@@ -187,3 +188,27 @@ def test_an_engine_block_count_short_of_whole_pages_is_never_exceeded():
             BlockAllocator(space, num_blocks=41)
     finally:
         vmm.close()
+
+
+def test_alloc_up_to_takes_what_mapped_pages_hold_when_no_page_can_be_mapped():
+    vmm, _space, allocator = make_allocator(capacity_pages=4)  # room for 2 KV pages
+    try:
+        first = allocator.alloc(5)  # pages 0 and 1: 2 blocks left on them
+        assert first is not None
+        assert allocator.alloc(3) is None  # would need a third KV page
+        more = allocator.alloc_up_to(3)
+        assert len(more) == 2 and not set(more) & set(first)
+        assert allocator.alloc_up_to(1) == []
+        assert allocator.stats().misses == 3  # each failed attempt to map counts
+    finally:
+        vmm.close()
+
+
+def test_blocks_are_outermost_tells_page_mappable_layouts():
+    raw = torch.zeros(8 * 4 * 16 * 32, dtype=torch.bfloat16)  # 8 blocks
+    # FlashAttention 3 on vLLM 0.26: logical (B, H, N, 2D), stored as (B, N, H, 2D)
+    fa = raw.view(8, 16, 4, 32).permute(0, 2, 1, 3)
+    assert blocks_are_outermost(fa, 8)
+    assert blocks_are_outermost(raw.view(16, 4, 16, 16), 8)  # a kernel splitting blocks in two
+    assert not blocks_are_outermost(raw.view(2, 8, 16, 4, 16), 8)  # K and V halves: (2, B, ...)
+    assert not blocks_are_outermost(raw.view(8, 4, 16, 32)[:4], 4)  # a view of part of the buffer

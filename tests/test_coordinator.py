@@ -18,6 +18,7 @@ import pytest
 
 from vmkv.coordinator import Segment, SegmentError, join, parse_size
 from vmkv.coordinator.segment import SHM_DIR, remove_segment
+from vmkv.coordinator.timeline import Timeline
 from vmkv.coordinator.units import budget_bytes
 from vmkv.vmm_ops import open_vmm
 
@@ -177,6 +178,27 @@ def test_grants_misses_and_max_in_one_process(segment):
     a.close()
     b.close()
     assert segment.table.snapshot() == []
+
+
+def test_timeline_samples_each_instance_held_memory(segment, tmp_path):
+    vmm = open_vmm("host", page_size=PAGE)
+    a = join(vmm, "a", segment=segment.name)
+    timeline = Timeline(segment.name, period_s=0.01)
+    try:
+        time.sleep(0.05)
+        assert a.acquire(8)
+        a.report(held=8, mapped=0)
+        time.sleep(0.05)
+        end = timeline.now()
+    finally:
+        timeline.close()
+        a.close()
+    assert timeline.peak("a", 0.0, end) == 8 * PAGE
+    assert timeline.peak("nobody", 0.0, end) == 0
+    assert min(b for _, n, b in timeline.rows if n == "a") == 0  # sampled before it grew
+    timeline.write_csv(tmp_path / "t.csv")
+    lines = (tmp_path / "t.csv").read_text().splitlines()
+    assert lines[0] == "seconds,instance,held_bytes" and len(lines) == len(timeline.rows) + 1
 
 
 @pytest.mark.parametrize("processes", [2, 4, 8, 16])

@@ -126,6 +126,22 @@ class KVStack:
             self.spill = SpillStore(tensors, namespace, block_dim, vmm=self.vmm)
         self.reclaimer.cold.append(ColdTier(self.allocator, cache, self.spill))
 
+    def reload(self, key: bytes) -> int | None:
+        """A fresh block holding the spilled block of ``key``, or None when the tier lacks
+        it or no block is free (the engine then recomputes). Work queued after this on
+        the current stream sees the data (the copy is fenced); on the host it is done."""
+        if self.spill is None or self.spill.lookup([key]) != 1:
+            return None
+        fresh = self.allocator.alloc(1)
+        if fresh is None:
+            return None
+        try:
+            self.spill.retrieve([key], fresh).fence()
+        except KeyError:  # evicted from the tier since the lookup
+            self.allocator.free(fresh)
+            return None
+        return fresh[0]
+
     def close(self) -> None:
         self.instance.close()
         if self.spill is not None:

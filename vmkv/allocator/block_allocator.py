@@ -152,6 +152,16 @@ class BlockAllocator:
         with self.lock:
             return self._alloc(count)
 
+    def alloc_up_to(self, count: int) -> list[int]:
+        """Up to ``count`` blocks, as many as can be had now: all of them if their pages
+        can be mapped, else the free blocks on pages already mapped (maybe none)."""
+        with self.lock:
+            blocks = self.alloc(count)
+            if blocks is not None:
+                return blocks
+            on_mapped = min(count, self._free_mapped)
+            return (self._alloc(on_mapped) or []) if on_mapped else []
+
     def _alloc(self, count: int) -> list[int] | None:
         shortfall = count - self._free_mapped
         if shortfall > 0:

@@ -27,6 +27,18 @@ if TYPE_CHECKING:
     import torch
 
 
+def blocks_are_outermost(tensor: torch.Tensor, num_blocks: int) -> bool:
+    """Whether every block of ``tensor``, a view of one whole KV buffer, is one contiguous
+    slice of it, as page-wise mapping requires: the dimension with the largest stride
+    indexes blocks (``num_blocks`` or a multiple, for kernels that split blocks) and spans
+    the buffer."""
+    if tensor.dim() == 0:
+        return False
+    dim = max(range(tensor.dim()), key=tensor.stride)
+    blocks, stride = tensor.shape[dim], tensor.stride(dim) * tensor.element_size()
+    return blocks % num_blocks == 0 and blocks * stride == tensor.untyped_storage().nbytes()
+
+
 class KVSpace:
     """Virtual KV buffers of fixed capacity whose pages are mapped on demand."""
 

@@ -94,7 +94,7 @@ class VmkvBlockPool(BlockPool):
 
     def get_new_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
         with self._lock:
-            fresh = self._fresh_blocks(num_blocks)
+            fresh = self._allocator.alloc_up_to(num_blocks)
             reuse = min(num_blocks - len(fresh), self.free_block_queue.num_free_blocks)
             cached = self.free_block_queue.popleft_n(reuse)
         missing = num_blocks - len(fresh) - len(cached)
@@ -121,14 +121,6 @@ class VmkvBlockPool(BlockPool):
                 if self.metrics_collector:
                     self.metrics_collector.on_block_allocated(block)
         return blocks
-
-    def _fresh_blocks(self, wanted: int) -> list[int]:
-        """As many empty blocks as the allocator can give, up to ``wanted``."""
-        blocks = self._allocator.alloc(wanted)
-        if blocks is not None:
-            return blocks
-        on_mapped = min(wanted, self._allocator.num_free_mapped_blocks())
-        return (self._allocator.alloc(on_mapped) or []) if on_mapped else []
 
     def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock]) -> None:
         to_cache: list[KVCacheBlock] = []
@@ -164,21 +156,11 @@ class VmkvBlockPool(BlockPool):
             return self._reload(make_block_hash_with_group_id(block_hash, kv_cache_group_ids[0]))
 
     def _reload(self, key: BlockHashWithGroupId) -> list[KVCacheBlock] | None:
-        """A device miss that the spill tier holds: copy it into a fresh block, which
-        becomes a cached block like any other. Kernels queued after this on the current
-        stream see the data (the copy is fenced); on the host it is done already."""
-        spill = self._stack.spill
-        if spill.lookup([bytes(key)]) != 1:
+        """A device miss that the spill tier holds becomes a cached block like any other."""
+        block_id = self._stack.reload(bytes(key))
+        if block_id is None:
             return None
-        fresh = self._allocator.alloc(1)
-        if fresh is None:  # no memory to reload into: recompute instead
-            return None
-        try:
-            spill.retrieve([bytes(key)], fresh).fence()
-        except KeyError:  # evicted from the tier since the lookup
-            self._allocator.free(fresh)
-            return None
-        block = self.blocks[fresh[0]]
+        block = self.blocks[block_id]
         self._insert_block_hash(key, block, num_tokens=None)
         self.free_block_queue.append(block)
         self.reloaded_blocks += 1

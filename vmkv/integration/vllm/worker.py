@@ -21,6 +21,7 @@ import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from vmkv.allocator.kv_space import blocks_are_outermost
 from vmkv.allocator.tensors import tensor_at
 from vmkv.stack import KVStack, StackSettings
 
@@ -180,18 +181,12 @@ def wrap_allocate_kv_cache_tensors(original: Callable[..., dict[str, torch.Tenso
 
 def check_blocks_outermost(worker: WorkerKV) -> None:
     """Raises UnsupportedKVLayout unless every bound layer's KV tensor keeps each block
-    in one contiguous slice of its buffer (the block dimension has the largest stride)."""
+    in one contiguous slice of its buffer."""
     num_blocks = worker.layer_views[0].shape[0]
     for name, layer in worker.bound_layers.items():
         cache = getattr(layer, "kv_cache", None)
-        caches = cache if isinstance(cache, list) else [cache]
-        for tensor in caches:
-            if tensor is None or tensor.numel() == 0:
-                continue
-            dim = max(range(tensor.dim()), key=tensor.stride)
-            blocks, stride = tensor.shape[dim], tensor.stride(dim) * tensor.element_size()
-            whole = tensor.untyped_storage().nbytes()
-            if blocks * stride != whole or blocks % num_blocks:
+        for tensor in cache if isinstance(cache, list) else [cache]:
+            if tensor is not None and tensor.numel() and not blocks_are_outermost(tensor, num_blocks):
                 raise UnsupportedKVLayout(
                     f"layer {name}'s KV cache {tuple(tensor.shape)} (strides {tensor.stride()}) does "
                     "not keep a block contiguous; this attention backend cannot run on vmkv, unset VMKV"
