@@ -24,7 +24,7 @@ tests)
   exit "${PIPESTATUS[0]}" ;;
 bench)
   [ -f /tmp/model/config.json ] || bash /tmp/gpu-vllm/device.sh model /tmp/model > "$OUT/model.log" 2>&1
-  (cd benchmarks && python3 bench_vllm_overhead.py /tmp/model --kv-bytes $((4 << 30)) --prompts 128 \
-     --max-tokens 128 --rounds "${ROUNDS:-2}" --json) 2>&1 | tee "$OUT/bench_vllm_overhead_gpu.txt" | tail -6 ;;
+  (cd benchmarks && python3 bench_vllm_overhead.py /tmp/model --kv-bytes $((4 << 30)) --prompts 256 \
+     --max-tokens 128 --rounds "${ROUNDS:-3}" --repeats 3 --json) 2>&1 | tee "$OUT/bench_vllm_overhead_gpu.txt" | tail -6 ;;
 *) echo "usage: gpu_vllm.sh tests|bench"; exit 2 ;;
 esac

@@ -245,6 +245,21 @@ def test_pinned_slots_are_not_evicted(namespace):
         store.close()
 
 
+def test_a_key_repeated_in_one_store_takes_one_slot(namespace):
+    tensors, block_dim = make_kv("flat", 16, torch.float16)
+    fill_block(tensors, block_dim, 1, seed=1)
+    fill_block(tensors, block_dim, 2, seed=2)
+    store = open_store(tensors, block_dim, namespace, slots=4)
+    try:
+        assert store.store([b"a", b"b", b"a"], [1, 2, 3]).blocks == 2  # the first "a" wins
+        assert store.stats()["valid"] == 2
+        store.retrieve([b"a", b"b"], [5, 6]).wait()
+        assert block_matches(tensors, block_dim, 5, seed=1)
+        assert block_matches(tensors, block_dim, 6, seed=2)
+    finally:
+        store.close()
+
+
 def test_namespaces_never_share_keys():
     tensors, block_dim = make_kv("flat", 16, torch.float16)
     fill_block(tensors, block_dim, 1, seed=1)

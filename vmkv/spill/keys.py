@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from vmkv.spill._index import KEY_BYTES
@@ -47,16 +48,35 @@ class Namespace:
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).digest()
 
 
-def block_key(namespace_digest: bytes, block_hash: BlockHash) -> bytes:
-    """The tier's key for one engine block hash: unique to the namespace."""
+def _raw(block_hash: BlockHash) -> bytes:
+    """The hash as tagged bytes, so that 1, "1" and b"1" stay different keys."""
+    if type(block_hash) is bytes:  # vLLM's hashes: the common case first
+        return b"b" + block_hash
     if isinstance(block_hash, bool):
         raise TypeError("a block hash must be bytes, int or str, not bool")
     if isinstance(block_hash, int):
-        raw = b"i" + block_hash.to_bytes((block_hash.bit_length() + 8) // 8, "little", signed=True)
-    elif isinstance(block_hash, str):
-        raw = b"s" + block_hash.encode()
-    elif isinstance(block_hash, bytes | bytearray | memoryview):
-        raw = b"b" + bytes(block_hash)
-    else:
-        raise TypeError(f"a block hash must be bytes, int or str, got {type(block_hash).__name__}")
-    return hashlib.blake2b(raw, digest_size=KEY_BYTES, key=namespace_digest[:32]).digest()
+        return b"i" + block_hash.to_bytes((block_hash.bit_length() + 8) // 8, "little", signed=True)
+    if isinstance(block_hash, str):
+        return b"s" + block_hash.encode()
+    if isinstance(block_hash, bytes | bytearray | memoryview):
+        return b"b" + bytes(block_hash)
+    raise TypeError(f"a block hash must be bytes, int or str, got {type(block_hash).__name__}")
+
+
+class TierKeys:
+    """The tier's keys for engine block hashes, unique to one namespace digest.
+
+    The keyed hasher is set up once and copied per key: keying BLAKE2b costs a whole
+    compression round, which would otherwise be paid again for every block of a spill.
+    """
+
+    def __init__(self, namespace_digest: bytes) -> None:
+        self._keyed = hashlib.blake2b(digest_size=KEY_BYTES, key=namespace_digest[:32])
+
+    def key(self, block_hash: BlockHash) -> bytes:
+        hasher = self._keyed.copy()
+        hasher.update(_raw(block_hash))
+        return hasher.digest()
+
+    def keys(self, block_hashes: Sequence[BlockHash]) -> list[bytes]:
+        return [self.key(block_hash) for block_hash in block_hashes]

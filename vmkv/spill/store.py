@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from vmkv.coordinator.units import parse_size
 from vmkv.spill._index import Policy
 from vmkv.spill.host_tier import HostTier
-from vmkv.spill.keys import BlockHash, Namespace, block_key
+from vmkv.spill.keys import BlockHash, Namespace, TierKeys
 from vmkv.spill.layout import BlockLayout
 from vmkv.spill.transfer import Completion, make_mover, runs_of
 
@@ -121,6 +121,7 @@ class SpillStore:
         self.layout = BlockLayout(tensors, block_dim)
         self.namespace = namespace
         self._digest = namespace.digest(self.layout.signature())
+        self._tier_keys = TierKeys(self._digest)
         capacity = capacity_bytes if capacity_bytes is not None else cpu_bytes_from_env()
         self.tier = HostTier(self._digest, self.layout.slot_bytes, capacity, POLICIES[policy], vmm)
         self._mover = make_mover(self.layout, self.tier)
@@ -167,7 +168,7 @@ class SpillStore:
 
     def lookup(self, keys: Sequence[BlockHash]) -> int:
         """How many leading ``keys`` the tier holds (a prefix match)."""
-        tier_keys = [block_key(self._digest, key) for key in keys]
+        tier_keys = self._tier_keys.keys(keys)
         return self.tier.index.lookup(tier_keys)
 
     def retrieve(self, keys: Sequence[BlockHash], into_blocks: Sequence[int]) -> Transfer:
@@ -199,7 +200,7 @@ class SpillStore:
         host is not there yet."""
         if self._device_lookup is not None and self._device_lookup(key):
             return ON_DEVICE
-        state = self.tier.index.state(block_key(self._digest, key))
+        state = self.tier.index.state(self._tier_keys.key(key))
         return ON_HOST if state == 2 else ABSENT
 
     def stats(self) -> dict[str, Any]:
@@ -246,7 +247,7 @@ class SpillStore:
         if len(keys) != len(blocks):
             raise ValueError(f"{len(keys)} keys for {len(blocks)} blocks")
         self.layout.check_blocks(blocks)
-        return [block_key(self._digest, key) for key in keys]
+        return self._tier_keys.keys(keys)
 
     def _track(self, transfer: Transfer) -> Transfer:
         if not transfer.done():

@@ -111,11 +111,13 @@ class _GridCopies:
         self.memory = tensor_at(
             kind, device.index or 0, grid.address, dtype, (grid.span_rows, grid.row_bytes // width)
         )
-        self._first = torch.tensor(grid.first_rows, dtype=torch.long, device=device)
-        self._stride = torch.tensor(grid.block_strides, dtype=torch.long, device=device)
+        # On the CPU: a few thousand row numbers cost less to compute here and upload
+        # once than two kernel launches on the device.
+        self._first = torch.tensor(grid.first_rows, dtype=torch.long)
+        self._stride = torch.tensor(grid.block_strides, dtype=torch.long)
 
     def index(self, blocks: torch.Tensor) -> torch.Tensor:
-        """(blocks, rows per block): the memory rows of each block, in slot order."""
+        """(blocks, rows per block): the memory rows of each CPU ``blocks``, in slot order."""
         return self._first + blocks.unsqueeze(1) * self._stride
 
     def _slot_rows(self, rows: torch.Tensor) -> torch.Tensor:
@@ -201,15 +203,15 @@ class StreamMover:
 
     def _begin(self, runs: list[Run]) -> torch.Tensor:
         """Orders this transfer after the engine's queued work (writes to blocks being
-        saved, reads of blocks being loaded into), uploads the block ids and indexes them."""
+        saved, reads of blocks being loaded into) and uploads the blocks' index."""
         import torch
 
         self._gather_stream.wait_stream(self._api.current_stream(self.device))
         blocks = [b for run in runs for b in run.blocks]
         with self._api.stream(self._gather_stream):
             # Pinned, so the upload is asynchronous and never waits for earlier transfers.
-            uploaded = torch.tensor(blocks, dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
-            return self._copies.index(uploaded)
+            index = self._copies.index(torch.tensor(blocks, dtype=torch.long))
+            return index.pin_memory().to(self.device, non_blocking=True)
 
     def _event(self, stream: torch.Stream) -> torch.Event:
         event = self._api.Event()

@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
+#include <string_view>
+#include <unordered_set>
 #include <utility>
 
 namespace vmkv::spill {
@@ -275,15 +277,15 @@ std::optional<std::vector<int64_t>> Index::reserve(uint32_t proc, const std::vec
   std::vector<int64_t> result(keys.size(), -1);
   std::vector<size_t> wanted;  // positions of keys that need a slot
   std::vector<bool> keep(header_->geometry.slot_count, false);  // present keys are never victims
+  std::unordered_set<std::string_view> seen;
+  seen.reserve(keys.size());
   for (size_t i = 0; i < keys.size(); ++i) {
     int64_t slot = find(key_bytes(keys[i]));
     if (slot >= 0) {
       keep[slot] = true;
-      continue;
+    } else if (seen.insert(keys[i]).second) {
+      wanted.push_back(i);
     }
-    bool repeated = false;
-    for (size_t w : wanted) repeated = repeated || keys[w] == keys[i];
-    if (!repeated) wanted.push_back(i);
   }
   if (wanted.empty()) return result;
 
