@@ -77,7 +77,7 @@ class BlockAllocator:
         self.keep_free_pages = keep_free_pages
         self.blocks_per_page = space.blocks_per_page
         # The engine's block count; the space rounds it up to whole pages. Ids past it are
-        # never handed out, so the last page may hold fewer blocks (and then stays mapped).
+        # never handed out, so the last page may hold fewer blocks.
         self.num_blocks = num_blocks if num_blocks is not None else space.capacity_blocks
         # alloc/free come from the engine; trim and cold reclaim come from the coordinator's
         # thread. Engine layers hold it too while they change which blocks are cached.
@@ -114,7 +114,7 @@ class BlockAllocator:
 
     def num_empty_mapped_pages(self) -> int:
         """Mapped pages with no live block: what trim() would give back."""
-        return len(self._pages_by_free[self.blocks_per_page])
+        return len(self._empty_pages())
 
     def is_allocated(self, block: int) -> bool:
         return 0 <= block < self.num_blocks and bool(self._allocated[block])
@@ -205,10 +205,71 @@ class BlockAllocator:
         self._used -= len(blocks)
         self._release_empty_pages(self.keep_free_pages)
 
+    # -- whole pages -------------------------------------------------------------------
+
+    def page_blocks(self, page: int) -> range:
+        """The block ids of KV page ``page`` (the last page may hold fewer)."""
+        bpp = self.blocks_per_page
+        return range(page * bpp, min((page + 1) * bpp, self.num_blocks))
+
+    def alloc_pages(self, count: int) -> list[int] | None:
+        """``count`` whole empty KV pages with all their blocks, or None (a miss) with
+        nothing changed: for engines that hand out the ids inside a page themselves
+        (SGLang's token slots), so that no per-block bookkeeping runs here."""
+        if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+            raise ValueError(f"page count must be a positive integer, got {count!r}")
+        with self.lock:
+            reuse = self._empty_pages()[:count]
+            fresh = count - len(reuse)
+            mapped = self._map_new_pages(fresh) if 0 < fresh <= len(self._unmapped) else []
+            if mapped is None or len(reuse) + len(mapped) < count:
+                self._misses += 1
+                return None
+            pages = reuse + mapped
+            for page in pages:
+                held = self.page_blocks(page)
+                self._move(page, len(self._free_slots[page]), 0)
+                self._free_slots[page] = []
+                self._allocated[held.start : held.stop] = b"\x01" * len(held)
+                self._free_mapped -= len(held)
+                self._used += len(held)
+            return pages
+
+    def _empty_pages(self) -> list[int]:
+        """Mapped pages without a live block, lowest first, the short last page included."""
+        empty = set(self._pages_by_free[self.blocks_per_page])
+        last = self.space.num_pages - 1
+        tail = self.page_blocks(last)
+        if len(tail) < self.blocks_per_page and len(self._free_slots.get(last, ())) == len(tail):
+            empty.add(last)
+        return sorted(empty)
+
+    def free_pages(self, pages: Iterable[int]) -> None:
+        """Return whole pages taken with :meth:`alloc_pages`; every block on them must be
+        allocated. Empty pages beyond ``keep_free_pages`` are unmapped."""
+        pages = list(pages)
+        with self.lock:
+            if len(set(pages)) != len(pages):
+                raise ValueError("a KV page is listed twice")
+            for page in pages:
+                if not 0 < page < self.space.num_pages:
+                    raise ValueError(f"KV page {page} out of range [1, {self.space.num_pages})")
+                held = self.page_blocks(page)
+                if self._free_slots.get(page) != [] or not all(self._allocated[held.start : held.stop]):
+                    raise ValueError(f"KV page {page} is not wholly allocated")
+            for page in pages:
+                held = self.page_blocks(page)
+                self._allocated[held.start : held.stop] = bytes(len(held))
+                self._free_slots[page] = list(reversed(held))
+                self._move(page, 0, len(held))
+                self._free_mapped += len(held)
+                self._used -= len(held)
+            self._release_empty_pages(self.keep_free_pages)
+
     def trim(self, pages: int | None = None) -> int:
         """Unmap fully free pages now (all of them, or up to ``pages``); returns how many."""
         with self.lock:
-            empty = len(self._pages_by_free[self.blocks_per_page])
+            empty = len(self._empty_pages())
             return self._release_empty_pages(empty - min(empty, pages) if pages is not None else 0)
 
     # -- internals ---------------------------------------------------------------------
@@ -240,12 +301,13 @@ class BlockAllocator:
                 return min(bucket) if free == self.blocks_per_page else next(iter(bucket))
         raise AssertionError("no mapped page has a free block")
 
-    def _map_new_pages(self, count: int) -> bool:
+    def _map_new_pages(self, count: int) -> list[int] | None:
+        """The pages mapped, lowest first, or None with nothing changed."""
         pages = [heapq.heappop(self._unmapped) for _ in range(count)]
         if not self.space.map_pages(pages):
             for page in pages:
                 heapq.heappush(self._unmapped, page)
-            return False
+            return None
         bpp = self.blocks_per_page
         for page in pages:
             end = min((page + 1) * bpp, self.num_blocks)
@@ -253,19 +315,20 @@ class BlockAllocator:
             self._pages_by_free[end - page * bpp].add(page)
             self._free_mapped += end - page * bpp
             self._unmapped_blocks -= end - page * bpp
-        return True
+        return pages
 
     def _release_empty_pages(self, keep: int) -> int:
-        empty = self._pages_by_free[self.blocks_per_page]
+        empty = self._empty_pages()
         excess = len(empty) - keep
         if excess <= 0:
             return 0
-        victims = sorted(empty, reverse=True)[:excess]
+        victims = empty[len(empty) - excess :]  # the highest pages go first
         self.space.unmap_pages(victims)
         for page in victims:
-            empty.discard(page)
+            size = len(self.page_blocks(page))
+            self._pages_by_free[size].discard(page)
             del self._free_slots[page]
             heapq.heappush(self._unmapped, page)
-        self._free_mapped -= excess * self.blocks_per_page
-        self._unmapped_blocks += excess * self.blocks_per_page
+            self._free_mapped -= size
+            self._unmapped_blocks += size
         return excess

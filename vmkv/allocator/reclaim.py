@@ -5,13 +5,14 @@
 3. pages holding only cold blocks (cached by the engine, used by no request): their
    blocks are copied to the spill tier, dropped from the engine's cache and freed, which
    empties the pages. A later prefix hit reloads them from the host;
-4. what is still owed: paid by the pool as the engine frees blocks.
+4. what is still owed: paid by the pool as the engine frees blocks; engines that must
+   free memory on their own thread are told (``on_debt``) and pay it there.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -68,6 +69,9 @@ class Reclaimer:
         self.cold = list(cold)
         self.spilled_blocks = 0
         self.dropped_blocks = 0  # cold blocks evicted without a copy (the tier was full)
+        # Called when a reclaim leaves pages owed: for engines whose free memory and cold
+        # cache only their own thread may touch (SGLang's scheduler); they pay it there.
+        self.on_debt: list[Callable[[], None]] = []
 
     def reclaimable(self) -> int:
         """Physical pages that could go back without touching a block a request uses."""
@@ -93,6 +97,9 @@ class Reclaimer:
             if (debt := self.pool.stats().debt) == 0:
                 break
             self._spill_cold_pages(tier, -(-debt // tier.allocator.space.physical_per_page))
+        if self.pool.stats().debt:
+            for notify in self.on_debt:
+                notify()
         return owed_before + pages - self.pool.stats().debt
 
     def _spill_cold_pages(self, tier: ColdTier, kv_pages: int) -> None:

@@ -1,4 +1,4 @@
-"""The one place that says which engine versions vmkv supports.
+"""The one place that says whether vmkv is on and which engine versions it supports.
 
 An engine layer asks ``require(engine)`` before touching anything: an unsupported
 version is refused with a clear message, never half-patched.
@@ -6,34 +6,46 @@ version is refused with a clear message, never half-patched.
 
 from __future__ import annotations
 
+import os
 import re
 
-# engine -> supported release lines (major.minor). Each line names the hooks that exist
-# in it (see the engine layer); add a line only with a test that runs it.
+# engine -> supported release lines: "major.minor" takes every patch release of it,
+# "major.minor.patch" that release alone (SGLang moves its internals between patches).
+# Each line names the hooks that exist in it (see the engine layer); add a line only
+# with a test that runs it.
 SUPPORTED: dict[str, tuple[str, ...]] = {
     "vllm": ("0.26", "0.32"),
-    "sglang": (),
+    "sglang": ("0.5.15", "0.5.23"),
 }
+
+
+def enabled() -> bool:
+    """VMKV=1 turns vmkv on in the engines' plugins; unset or 0, they do nothing."""
+    return os.environ.get("VMKV", "0").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 class UnsupportedVersion(RuntimeError):
     pass
 
 
-def release_line(version: str) -> str:
-    match = re.match(r"^(\d+)\.(\d+)", version)
+def release_line(version: str, supported: tuple[str, ...] = ()) -> str:
+    """The entry of ``supported`` that ``version`` falls under, else its major.minor."""
+    match = re.match(r"^(\d+)\.(\d+)(?:\.(\d+))?", version)
     if match is None:
         raise UnsupportedVersion(f"cannot read a version from {version!r}")
-    return f"{match.group(1)}.{match.group(2)}"
+    minor = f"{match.group(1)}.{match.group(2)}"
+    patch = f"{minor}.{match.group(3)}" if match.group(3) is not None else None
+    return patch if patch in supported else minor
 
 
 def require(engine: str, version: str) -> str:
-    """The release line of ``version``, or UnsupportedVersion naming what is supported."""
-    line = release_line(version)
+    """The supported line of ``version``, or UnsupportedVersion naming what is supported."""
     supported = SUPPORTED.get(engine, ())
+    line = release_line(version, supported)
     if line not in supported:
+        listed = ", ".join(s if s.count(".") == 2 else s + ".x" for s in supported)
         raise UnsupportedVersion(
-            f"vmkv supports {engine} {', '.join(s + '.x' for s in supported) or '(none yet)'}; "
+            f"vmkv supports {engine} {listed or '(none yet)'}; "
             f"this is {engine} {version}. Unset VMKV to run {engine} without vmkv."
         )
     return line

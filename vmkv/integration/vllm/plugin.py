@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from vmkv.integration.versions import require
+from vmkv.integration.versions import enabled, require
 
 log = logging.getLogger("vmkv")
 
@@ -30,10 +30,6 @@ _installed = False
 # vLLM 0.26's V2 model runner faults in FlashAttention on vmkv memory (H100, 2026-11-23):
 # vmkv selects the V1 runner unless the user chose otherwise, and then refuses.
 V2_RUNNER = "VLLM_USE_V2_MODEL_RUNNER"
-
-
-def enabled() -> bool:
-    return os.environ.get("VMKV", "0").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def _hooks(line: str) -> list[tuple[Any, str, Callable[[Any], Any]]]:

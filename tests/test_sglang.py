@@ -1,0 +1,215 @@
+"""SGLang's real memory-cache classes on vmkv (host backend): the MHA pool, the token and
+paged allocators, the radix cache, and the plugin that hooks them, imported from the
+installed SGLang. Model serving needs a GPU (see ../shared/notes/sglang-cpu.md); these
+run wherever SGLang's memory layer imports. `make test` runs them in their own venv
+(.venv-sglang) with VMKV_REQUIRE_SGLANG=1, so a broken install fails instead of skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from array import array
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+HERE = Path(__file__).parent
+try:
+    import torchvision  # noqa: F401
+except ImportError:  # SGLang imports it at module level; the memory layer never uses it
+    sys.path.insert(0, str(HERE / "stand_ins"))
+if os.environ.get("VMKV_REQUIRE_SGLANG") != "1":
+    pytest.importorskip("sglang")
+
+import sglang  # noqa: E402
+from sglang.srt.mem_cache import memory_pool  # noqa: E402
+from sglang.srt.mem_cache.base_prefix_cache import InsertParams, MatchPrefixParams  # noqa: E402
+from sglang.srt.mem_cache.cache_init_params import CacheInitParams  # noqa: E402
+from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey  # noqa: E402
+
+from vmkv.integration.sglang import memory, plugin  # noqa: E402
+from vmkv.integration.versions import UnsupportedVersion  # noqa: E402
+
+PAGE = 2 << 20  # host pages; a K or V row is 4 heads x 64 x fp16 = 512 B: 4096 tokens a page
+TOKENS_PER_PAGE = PAGE // 512
+LAYERS = 2
+PHYSICAL_PER_KV_PAGE = 2 * LAYERS
+
+
+@pytest.fixture
+def vmkv_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMKV_SEGMENT", f"/vmkv-{os.getuid()}-sgltest{os.getpid()}-{os.urandom(3).hex()}")
+    monkeypatch.setenv("VMKV_PAGE_BYTES", str(PAGE))
+    monkeypatch.setenv("VMKV_BUDGET", str(40 * PAGE))  # 10 KV pages
+    monkeypatch.setenv("VMKV_KEEP_FREE_PAGES", "0")
+    monkeypatch.setenv("VMKV_SPILL", "0")
+    plugin.install()
+
+
+@pytest.fixture
+def stacks(vmkv_env: None):
+    opened: list = []
+    yield opened
+    for stack in opened:
+        stack.close()
+
+
+def builder():
+    if plugin.require("sglang", sglang.__version__) == "0.5.23":
+        from sglang.srt.mem_cache import kv_cache_configurator as module
+    else:
+        from sglang.srt.model_executor import model_runner_kv_cache_mixin as module
+    return module
+
+
+def make_pool(stacks: list, size: int, page_size: int = 1):
+    pool = memory_pool.MHATokenToKVPool(size, page_size, torch.float16, 4, 64, LAYERS, "cpu", False)
+    stacks.append(pool.vmkv)
+    return pool
+
+
+def token_allocator(pool):
+    return builder().TokenToKVPoolAllocator(pool.size, torch.float16, "cpu", pool, False)
+
+
+def mapped(pool) -> int:
+    return pool.vmkv.space.mapped_pages
+
+
+def test_unsupported_versions_are_refused_with_nothing_changed(monkeypatch: pytest.MonkeyPatch):
+    with pytest.raises(UnsupportedVersion, match=r"0\.5\.15, 0\.5\.23"):
+        plugin.require("sglang", "0.5.14")
+    monkeypatch.setattr(sglang, "__version__", "0.5.16")
+    monkeypatch.setenv("VMKV", "1")
+    before = memory_pool.MLATokenToKVPool._create_buffers
+    with pytest.raises(SystemExit, match="vmkv supports sglang"):
+        plugin.register()
+    assert memory_pool.MLATokenToKVPool._create_buffers is before
+
+
+@pytest.mark.parametrize("vmkv", ["0", "1"])
+def test_sglangs_own_plugin_loader_turns_vmkv_on_only_when_asked(vmkv: str, tmp_path: Path):
+    """A fresh process loads plugins through SGLang (entry point group
+    sglang.srt.plugins), then builds a pool and an allocator as SGLang's builder does."""
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(HERE)!r})
+import test_sglang as t
+from sglang.srt.plugins import load_plugins
+load_plugins()
+pool = t.memory_pool.MHATokenToKVPool(8192, 1, torch.float16, 4, 64, 2, "cpu", False)
+allocator = t.token_allocator(pool)
+print(type(allocator).__name__, hasattr(pool, "vmkv"), len(allocator.free_pages))
+"""
+    env = {**os.environ, "VMKV": vmkv, "VMKV_SEGMENT": f"/vmkv-{os.getuid()}-sglplug{os.getpid()}{vmkv}"}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE / "stand_ins"), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    name, on_vmkv, free = out.stdout.split()
+    if vmkv == "1":
+        assert (name, on_vmkv, int(free)) == ("VmkvTokenToKVPoolAllocator", "True", TOKENS_PER_PAGE - 1)
+    else:
+        assert (name, on_vmkv, int(free)) == ("TokenToKVPoolAllocator", "False", 8192)
+
+
+def test_pool_buffers_live_in_the_kv_space_with_sglangs_shapes(stacks):
+    pool = make_pool(stacks, 20000)
+    space = pool.vmkv.space
+    for k, v in zip(pool.k_buffer, pool.v_buffer, strict=True):
+        assert k.shape == v.shape == (20001, 4, 64) and k.dtype == torch.float16 and k.is_contiguous()
+        assert space.base <= k.data_ptr() < v.data_ptr() < space.base + space.nbytes
+        assert v.data_ptr() - k.data_ptr() == space.capacity_blocks * 512  # a layer's K and V adjacent
+    assert mapped(pool) == 1  # only the padding slot's page, before any allocation
+
+
+def test_token_allocator_maps_pages_on_demand_and_data_survives(stacks):
+    pool = make_pool(stacks, 20000)
+    allocator = token_allocator(pool)
+    assert allocator.available_size() == 20000  # the lease could grant all of it
+    assert len(allocator.free_pages) == TOKENS_PER_PAGE - 1
+    ids = allocator.alloc(3 * TOKENS_PER_PAGE)
+    assert ids is not None and len(set(ids.tolist())) == len(ids) and 0 not in ids.tolist()
+    assert mapped(pool) == 4
+    values = torch.randn(len(ids), 4, 64).half()
+    for layer in range(LAYERS):
+        pool.k_buffer[layer][ids] = values
+        pool.v_buffer[layer][ids] = -values
+    more = allocator.alloc(TOKENS_PER_PAGE)
+    for layer in range(LAYERS):
+        assert torch.equal(pool.get_key_buffer(layer)[ids], values)
+        assert torch.equal(pool.get_value_buffer(layer)[ids], -values)
+    allocator.free(ids)
+    allocator.free(more)
+    memory.wrap_on_idle(lambda self: None)(SimpleNamespace(token_to_kv_pool_allocator=allocator))
+    assert mapped(pool) == 1 and pool.vmkv.pool.stats().in_use == PHYSICAL_PER_KV_PAGE
+    assert allocator.available_size() == 20000
+
+
+def test_an_allocation_past_the_budget_is_a_miss_that_changes_nothing(stacks):
+    pool = make_pool(stacks, 60000)  # 15 KV pages of space, 10 of budget
+    allocator = token_allocator(pool)
+    assert allocator.available_size() == 10 * TOKENS_PER_PAGE - 1
+    held = allocator.alloc(8 * TOKENS_PER_PAGE)
+    free_before, mapped_before = len(allocator.free_pages), mapped(pool)
+    assert allocator.alloc(3 * TOKENS_PER_PAGE) is None
+    assert (len(allocator.free_pages), mapped(pool)) == (free_before, mapped_before)
+    assert allocator.alloc(TOKENS_PER_PAGE) is not None  # what the budget still has
+    allocator.free(held)
+
+
+def test_paged_allocator_extends_and_decodes_on_demand(stacks):
+    page_size = 16
+    pool = make_pool(stacks, 32768, page_size)
+    allocator = builder().PagedTokenToKVPoolAllocator(pool.size, page_size, torch.float16, "cpu", pool, False)
+    pages_per_kv_page = TOKENS_PER_PAGE // page_size
+    assert len(allocator.free_pages) == pages_per_kv_page - 1
+    seq_lens = torch.tensor([3000, 2500, 1200])
+    zeros = torch.zeros(3, dtype=torch.int64)
+    extend = int(seq_lens.sum())
+    out = allocator.alloc_extend(zeros, zeros, seq_lens, seq_lens, zeros - 1, extend)
+    assert out is not None and len(out) == extend and len(set(out.tolist())) == extend
+    assert mapped(pool) == 2
+    last = torch.tensor([out[2999], out[5499], out[6699]])
+    step = allocator.alloc_decode(seq_lens + 1, seq_lens + 1, last)
+    assert step is not None and not set(step.tolist()) & set(out.tolist())
+    allocator.free(torch.cat((out, step)))
+    allocator.settle(None)
+    assert mapped(pool) == 1
+
+
+def test_reclaim_evicts_cold_radix_entries_and_spares_locked_ones(stacks):
+    pool = make_pool(stacks, 40000)
+    allocator = token_allocator(pool)
+    requests = memory_pool.ReqToTokenPool(8, 32768, "cpu", False)
+    params = CacheInitParams(
+        disable=False, req_to_token_pool=requests, token_to_kv_pool_allocator=allocator, page_size=1
+    )
+    cache = RadixCache(params)
+    cold_key, warm_key = array("q", range(12000)), array("q", range(100000, 104000))
+    cold, warm = allocator.alloc(len(cold_key)), allocator.alloc(len(warm_key))
+    values = torch.randn(len(warm), 4, 64).half()
+    pool.k_buffer[0][warm] = values
+    cache.insert(InsertParams(key=RadixKey(cold_key), value=cold))
+    cache.insert(InsertParams(key=RadixKey(warm_key), value=warm))
+    cache.inc_lock_ref(cache.match_prefix(MatchPrefixParams(key=RadixKey(warm_key))).last_device_node)
+    assert mapped(pool) == 4  # 16000 tokens: page 0's 4095, then three more pages
+    pool.vmkv.reclaimer.reclaim(pool.vmkv.pool.stats().in_use)  # another instance wants it all
+    scheduler = SimpleNamespace(token_to_kv_pool_allocator=allocator, tree_cache=cache)
+    memory.wrap_on_idle(lambda self: None)(scheduler)  # the scheduler's next idle turn
+    assert cache.evictable_size() == 0 and cache.protected_size() == len(warm)
+    assert mapped(pool) == 3  # page 1 held only cold entries; pages 2 and 3 hold the locked one
+    assert torch.equal(pool.k_buffer[0][warm], values)
+
+
+def test_flush_cache_gives_back_everything_but_the_padding_page(stacks):
+    pool = make_pool(stacks, 40000)
+    allocator = token_allocator(pool)
+    allocator.alloc(20000)
+    assert mapped(pool) == 5
+    allocator.clear()  # what flush_cache and release_memory_occupation end in
+    assert mapped(pool) == 1 and len(allocator.free_pages) == TOKENS_PER_PAGE - 1
+    assert allocator.alloc(10000) is not None  # resume: pages map again on demand

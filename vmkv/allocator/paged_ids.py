@@ -1,0 +1,90 @@
+"""Engine ids handed out by the engine's own free list, backed a KV page at a time.
+
+SGLang keeps its free token slots (or pages) in a device tensor and hands them out with
+its own kernels; per-id bookkeeping in Python would cost more than its whole allocator.
+So here the engine keeps its free list, and vmkv decides only which ids enter it and
+which leave: id ``i`` is block ``i`` of the KV space, and ids enter and leave a whole KV
+page at a time. The list grows by the ids of freshly mapped pages when the engine runs
+short, and shrinks by the ids of pages whose every id is free when memory must go back.
+
+Id 0 is the engine's padding slot and vmkv's null block: page 0 stays mapped, and its
+other ids are free from the start.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vmkv.allocator.block_allocator import BlockAllocator
+
+if TYPE_CHECKING:
+    import torch
+
+
+class PagedIds:
+    """Grows and shrinks an engine's free id list by whole KV pages of ``allocator``."""
+
+    def __init__(self, allocator: BlockAllocator, device: torch.device | str) -> None:
+        import torch
+
+        self.allocator = allocator
+        self.device = torch.device(device)
+        self.ids_per_page = allocator.blocks_per_page
+        self.num_pages = allocator.space.num_pages
+        first = allocator.page_blocks(0)
+        rest = allocator.alloc(len(first) - 1) if len(first) > 1 else []
+        if rest is None or sorted(rest) != list(first)[1:]:
+            raise RuntimeError("PagedIds needs a fresh allocator: page 0 was already in use")
+        # ids per page, so that shrink can tell a wholly free page (the last may be short)
+        sizes = [len(allocator.page_blocks(page)) for page in range(self.num_pages)]
+        self._page_sizes = torch.tensor(sizes, dtype=torch.int64, device=self.device)
+        self._page_sizes[0] = -1  # page 0 never leaves
+        self._grown: set[int] = set()
+
+    def initial(self) -> torch.Tensor:
+        """The free ids the engine starts with: page 0's, but for id 0."""
+        import torch
+
+        return torch.arange(1, len(self.allocator.page_blocks(0)), dtype=torch.int64, device=self.device)
+
+    def grantable_ids(self) -> int:
+        """Ids of pages that are not mapped yet: the most that :meth:`grow` could add."""
+        return self.allocator.num_free_blocks() - self.allocator.num_free_mapped_blocks()
+
+    def grow(self, ids: int) -> torch.Tensor | None:
+        """The ids of enough fresh KV pages to hold ``ids`` more, or None when the pages
+        cannot be had (the lease is exhausted): a miss the engine handles."""
+        import torch
+
+        if ids <= 0:
+            return torch.empty(0, dtype=torch.int64, device=self.device)
+        pages = self.allocator.alloc_pages(-(-ids // self.ids_per_page))
+        if pages is None:
+            return None
+        self._grown.update(pages)
+        blocks = [self.allocator.page_blocks(page) for page in pages]
+        return torch.cat([torch.arange(b.start, b.stop, dtype=torch.int64) for b in blocks]).to(self.device)
+
+    def shrink(self, free_ids: torch.Tensor, max_pages: int | None = None) -> tuple[torch.Tensor, int]:
+        """Release pages whose every id is in ``free_ids`` (all of them, or the
+        ``max_pages`` highest). Returns the free ids that remain, and how many pages went."""
+        import torch
+
+        page_of = free_ids // self.ids_per_page
+        counts = torch.bincount(page_of, minlength=self.num_pages)
+        whole = torch.nonzero(counts == self._page_sizes).flatten().tolist()
+        if max_pages is not None:
+            whole = whole[max(0, len(whole) - max_pages) :] if max_pages > 0 else []
+        if not whole:
+            return free_ids, 0
+        released = torch.tensor(whole, dtype=torch.int64, device=free_ids.device)
+        remaining = free_ids[~torch.isin(page_of, released)]
+        self.allocator.free_pages(whole)
+        self._grown.difference_update(whole)
+        return remaining, len(whole)
+
+    def release_all(self) -> None:
+        """Release every page but page 0: for an engine whose ids are all free again (its
+        free list is then :meth:`initial`)."""
+        self.allocator.free_pages(sorted(self._grown))
+        self._grown.clear()

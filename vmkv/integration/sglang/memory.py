@@ -1,0 +1,221 @@
+"""SGLang's KV memory on vmkv: the pools' buffers and the allocators' free lists.
+
+*Buffers.* A pool's per-layer buffers (``size + page_size`` token rows) come from one
+vmkv KV space with one block per SGLang page, so block ids are SGLang's page ids (token
+ids when ``page_size`` is 1). A layer's K and V are adjacent, as in SGLang's own fused
+allocation. Nothing is zero-filled: SGLang's kernels write a slot before reading it.
+
+*Free lists.* SGLang hands out ids from a device tensor with its own kernels; vmkv only
+decides which ids are in that tensor (:class:`vmkv.allocator.paged_ids.PagedIds`). It
+grows by a whole KV page of ids when an allocation would run short, and shrinks by the
+pages whose every id is free: when the scheduler is idle, and when the coordinator asks
+for memory back. The coordinator's request arrives on its own thread, while the free
+list, the radix tree and the device stream belong to the scheduler's; so the request is
+only noted there (``Reclaimer.on_debt``) and paid on the scheduler's thread, in
+:meth:`ElasticIds.settle`, by evicting cold radix-tree entries if freeing is not enough.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from vmkv.allocator.paged_ids import PagedIds
+from vmkv.stack import KVStack, StackSettings
+
+log = logging.getLogger("vmkv")
+
+
+def _device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type != "cpu" and device.index is None:
+        device = torch.device(device.type, torch.get_device_module(device.type).current_device())
+    return device
+
+
+def vmkv_buffers(pool: Any, shapes: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
+    """Tensors of ``shapes`` (token rows first) for ``pool``, from a new KV stack that the
+    pool keeps as ``pool.vmkv``."""
+    page, rows, dtype = pool.page_size, pool.size + pool.page_size, pool.store_dtype
+    block_bytes = [page * math.prod(shape[1:]) * dtype.itemsize for shape in shapes]
+    model = os.environ.get("VMKV_MODEL", "sglang")
+    settings = StackSettings.from_env("sglang", model, default_name=f"sglang-{os.getpid()}")
+    stack = KVStack(_device(pool.device), block_bytes, -(-rows // page), settings)
+    pool.vmkv = stack
+    capacity = stack.space.capacity_blocks * page
+    return [stack.space.tensor(i, dtype, (capacity, *s[1:]))[:rows] for i, s in enumerate(shapes)]
+
+
+def _plain(pool: Any) -> bool:
+    """Whether the pool uses the token-major layout vmkv backs (not HND, not AITER's 5-D,
+    not a custom memory pool)."""
+    return not (
+        getattr(pool, "use_hnd", False)
+        or getattr(pool, "kv_cache_layout", None) == "vectorized_5d"
+        or getattr(pool, "enable_custom_mem_pool", False)
+        or getattr(pool, "custom_mem_pool", None) is not None
+    )
+
+
+def _mha_buffers(pool: Any) -> bool:
+    """Sets the MHA pool's k_buffer and v_buffer from vmkv; False for layouts it leaves."""
+    if not _plain(pool):
+        log.warning("vmkv: this KV cache layout stays vanilla (HND, 5-D or custom pool)")
+        return False
+    rows = pool.size + pool.page_size
+    k_shape, v_shape = (rows, pool.head_num, pool.head_dim), (rows, pool.head_num, pool.v_head_dim)
+    tensors = vmkv_buffers(pool, [k_shape, v_shape] * pool.layer_num)
+    pool.k_buffer, pool.v_buffer = tensors[0::2], tensors[1::2]
+    return True
+
+
+def wrap_mha_create_buffers_normal(original: Any) -> Any:
+    """0.5.23: MHATokenToKVPool._create_buffers_normal; SGLang then derives its pointers."""
+
+    def _create_buffers_normal(self: Any) -> None:
+        if not _mha_buffers(self):
+            original(self)
+
+    return _create_buffers_normal
+
+
+def wrap_mha_create_buffers(original: Any) -> Any:
+    """0.5.15: MHATokenToKVPool._create_buffers makes the buffers and their pointer tables."""
+
+    def _create_buffers(self: Any) -> None:
+        if getattr(self, "is_quantized_kv_cache", False) or not _mha_buffers(self):
+            return original(self)
+        buffers = self.k_buffer + self.v_buffer
+        pointers = [t.data_ptr() for t in buffers]
+        self.data_ptrs = torch.tensor(pointers, dtype=torch.uint64, device=self.device)
+        self.k_data_ptrs, self.v_data_ptrs = self.data_ptrs.split(self.layer_num)
+        self.data_strides = torch.tensor([t[0].nbytes for t in buffers], device=self.device)
+
+    return _create_buffers
+
+
+def wrap_mla_create_buffers(original: Any) -> Any:
+    """MLATokenToKVPool._create_buffers (both lines): one latent buffer per layer."""
+
+    def _create_buffers(self: Any) -> None:
+        if not _plain(self):
+            return original(self)
+        shape = (self.size + self.page_size, 1, self.kv_cache_dim)
+        self.kv_buffer = vmkv_buffers(self, [shape] * self.layer_num)
+
+    return _create_buffers
+
+
+class ElasticIds:
+    """Mixed into SGLang's token and paged allocators (see the module docstring).
+
+    An allocator whose pool is not on vmkv (a layout vmkv leaves alone) stays vanilla.
+    """
+
+    _ids: PagedIds | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # runs clear(): the vanilla, full free list
+        stack: KVStack | None = getattr(self._kvcache, "vmkv", None)
+        if stack is None:
+            return
+        self._stack = stack
+        self._ids = PagedIds(stack.allocator, self.device)
+        self._owed = False
+        self._free_seen = -1  # free ids at the last idle shrink: skip it while unchanged
+        stack.reclaimer.on_debt.append(self._note_debt)
+        self.clear()
+
+    # -- SGLang's allocator interface ------------------------------------------------------
+
+    def clear(self) -> None:
+        super().clear()
+        if self._ids is not None:  # every id is free again: back to page 0 alone
+            self._ids.release_all()
+            self.free_pages = self._ids.initial()
+
+    def available_size(self) -> int:
+        free = super().available_size()
+        if self._ids is None:
+            return free
+        return free + min(self._stack.grantable_blocks(), self._ids.grantable_ids()) * self.page_size
+
+    def alloc(self, need_size: int, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+        self._ensure(need_size // self.page_size)
+        return super().alloc(need_size, *args, **kwargs)
+
+    def alloc_extend(self, prefix_lens: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+        extend_tokens = kwargs["extend_num_tokens"] if "extend_num_tokens" in kwargs else args[4]
+        self._ensure(extend_tokens // self.page_size + len(prefix_lens) + 1)  # SGLang's own bound
+        return super().alloc_extend(prefix_lens, *args, **kwargs)
+
+    def alloc_decode(self, seq_lens: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+        self._ensure(len(seq_lens))
+        return super().alloc_decode(seq_lens, *args, **kwargs)
+
+    # -- vmkv ------------------------------------------------------------------------------
+
+    def _ensure(self, ids: int) -> None:
+        """Grow the free list so that ``ids`` can be handed out; on a miss leave it, and
+        SGLang's allocation returns None (it evicts or retracts, as when full)."""
+        if self._ids is None:
+            return
+        if self._owed:
+            self.settle(None)
+        short = ids - super().available_size() // self.page_size
+        if short > 0 and (fresh := self._ids.grow(short)) is not None:
+            self.free_pages = torch.cat((self.free_pages, fresh))
+
+    def _note_debt(self) -> None:  # the coordinator's thread
+        self._owed = True
+
+    def _shrink(self, max_pages: int | None) -> int:
+        self.merge_and_sort_free()
+        self.free_pages, released = self._ids.shrink(self.free_pages, max_pages)
+        return released
+
+    def settle(self, tree_cache: Any) -> None:
+        """On the scheduler's thread: pay what the coordinator asked for (first with free
+        pages, then by evicting cold radix-tree entries), and give back wholly free pages
+        once the free list has changed."""
+        if self._ids is None:
+            return
+        free = super().available_size()
+        if not self._owed and free == self._free_seen:
+            return
+        pool, space = self._stack.pool, self._stack.space
+        self._shrink(None)
+        if self._owed:
+            debt = pool.stats().debt
+            if debt and tree_cache is not None and tree_cache.evictable_size() > 0:
+                from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+                tokens = -(-debt // space.physical_per_page) * self._ids.ids_per_page * self.page_size
+                tree_cache.evict(EvictParams(num_tokens=tokens))
+                self._shrink(None)
+            self._stack.allocator.trim(-(-pool.stats().debt // space.physical_per_page))
+            self._owed = pool.stats().debt > 0 and tree_cache is None
+        self._free_seen = super().available_size()
+
+
+def elastic(base: type) -> type:
+    """SGLang allocator class ``base`` with vmkv's free-list management mixed in."""
+    return type(f"Vmkv{base.__name__}", (ElasticIds, base), {"__module__": __name__})
+
+
+def wrap_on_idle(original: Any) -> Any:
+    """Scheduler.on_idle: settle the allocator's memory with the coordinator."""
+
+    def on_idle(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        allocator = getattr(self, "token_to_kv_pool_allocator", None)
+        if isinstance(allocator, ElasticIds):
+            allocator.settle(getattr(self, "tree_cache", None))
+        return result
+
+    return on_idle

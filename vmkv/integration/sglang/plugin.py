@@ -1,0 +1,82 @@
+"""The SGLang plugin: ``register()`` runs in SGLang's scheduler processes (entry point
+group ``sglang.srt.plugins``). With VMKV unset or 0 it does nothing, so SGLang is vanilla.
+
+With VMKV=1 it checks the version (vmkv.integration.versions) and then replaces a few
+names, all looked up by attribute, never by reading source (see memory.py):
+
+* the MHA and MLA pools' buffer creation (``_create_buffers_normal`` on 0.5.23, where
+  SGLang derives its pointer tables afterwards; ``_create_buffers`` on 0.5.15);
+* the token and paged allocator classes where the pools' builder looks them up
+  (``kv_cache_configurator`` on 0.5.23, ``model_runner_kv_cache_mixin`` on 0.5.15);
+* ``Scheduler.on_idle``, where memory is settled with the coordinator.
+
+Every target is checked before anything is replaced. SGLang logs and skips a plugin that
+raises an Exception; a refusal here raises SystemExit instead, so that a server asked to
+run on vmkv never runs without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from vmkv.integration.versions import UnsupportedVersion, enabled, require
+
+log = logging.getLogger("vmkv")
+
+_installed = False
+
+
+def _hooks(line: str) -> list[tuple[Any, str, Callable[[Any], Any]]]:
+    """(owner, attribute, original -> replacement) for a supported release."""
+    from sglang.srt.managers import scheduler
+    from sglang.srt.mem_cache import memory_pool
+
+    from vmkv.integration.sglang import memory
+
+    if line == "0.5.23":
+        from sglang.srt.mem_cache import kv_cache_configurator as builder
+
+        mha = (memory_pool.MHATokenToKVPool, "_create_buffers_normal", memory.wrap_mha_create_buffers_normal)
+    else:
+        from sglang.srt.model_executor import model_runner_kv_cache_mixin as builder
+
+        mha = (memory_pool.MHATokenToKVPool, "_create_buffers", memory.wrap_mha_create_buffers)
+    return [
+        mha,
+        (memory_pool.MLATokenToKVPool, "_create_buffers", memory.wrap_mla_create_buffers),
+        (builder, "TokenToKVPoolAllocator", memory.elastic),
+        (builder, "PagedTokenToKVPoolAllocator", memory.elastic),
+        (scheduler.Scheduler, "on_idle", memory.wrap_on_idle),
+    ]
+
+
+def install() -> str:
+    """Install the hooks for the installed SGLang; returns its supported line. Raises
+    UnsupportedVersion, or RuntimeError naming missing hook points, with nothing changed."""
+    global _installed
+    import sglang
+
+    line = require("sglang", sglang.__version__)
+    if _installed:
+        return line
+    hooks = _hooks(line)
+    missing = [f"{getattr(o, '__name__', o)}.{name}" for o, name, _ in hooks if not hasattr(o, name)]
+    if missing:
+        raise RuntimeError(f"SGLang {sglang.__version__} lacks vmkv's hooks {missing}; nothing was changed")
+    for owner, name, replace in hooks:
+        setattr(owner, name, replace(getattr(owner, name)))
+    _installed = True
+    log.info("vmkv %s hooks installed (SGLang %s, pid %d)", line, sglang.__version__, os.getpid())
+    return line
+
+
+def register() -> None:
+    if not enabled():
+        return
+    try:
+        install()
+    except (UnsupportedVersion, RuntimeError) as error:
+        raise SystemExit(f"vmkv: {error}") from error
