@@ -32,7 +32,8 @@ test -x "$PY" || python3 -m venv "$VENV"
 echo "== 2. $ENGINE and vmkv"
 if [ "$ENGINE" = sglang ]; then
   # Only what SGLang's memory layer imports: a plain `pip install sglang` would replace
-  # the CPU torch with a CUDA one (and 3.6 GB of nvidia wheels).
+  # the CPU torch with a CUDA one (and 3.6 GB of nvidia wheels). pip then lists SGLang's
+  # GPU dependencies as missing or mismatched: expected, and harmless for this layer.
   echo "torch==2.13.0" > "$VENV/constraints.txt"
   "$PY" -m pip install -q "torch==2.13.0" numpy
   "$PY" -m pip install -q --no-deps "sglang==0.5.23"
