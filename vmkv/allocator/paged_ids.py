@@ -47,10 +47,6 @@ class PagedIds:
 
         return torch.arange(1, len(self.allocator.page_blocks(0)), dtype=torch.int64, device=self.device)
 
-    def grantable_ids(self) -> int:
-        """Ids of pages that are not mapped yet: the most that :meth:`grow` could add."""
-        return self.allocator.num_free_blocks() - self.allocator.num_free_mapped_blocks()
-
     def grow(self, ids: int) -> torch.Tensor | None:
         """The ids of enough fresh KV pages to hold ``ids`` more, or None when the pages
         cannot be had (the lease is exhausted): a miss the engine handles."""

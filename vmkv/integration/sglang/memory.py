@@ -143,7 +143,8 @@ class ElasticIds:
         free = super().available_size()
         if self._ids is None:
             return free
-        return free + min(self._stack.grantable_blocks(), self._ids.grantable_ids()) * self.page_size
+        spare = self._stack.allocator.num_free_mapped_blocks()  # empty pages kept mapped
+        return free + (spare + self._stack.grantable_blocks()) * self.page_size
 
     def alloc(self, need_size: int, *args: Any, **kwargs: Any) -> torch.Tensor | None:
         self._ensure(need_size // self.page_size)
