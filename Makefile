@@ -34,7 +34,7 @@ $(SGLANG_VENV)/.installed: setup.py pyproject.toml $(wildcard vmkv/*/csrc/*) eng
 
 test: install $(SGLANG_VENV)/.installed
 	$(PY) -m pytest -q
-	VMKV_REQUIRE_SGLANG=1 $(SGLANG_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_sglang.py
+	VMKV_REQUIRE_SGLANG=1 VMKV_VLLM_PYTHON=$(abspath $(PY)) $(SGLANG_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_sglang.py
 
 lint: install
 	$(VENV)/bin/ruff check vmkv tests benchmarks engine_integration setup.py

