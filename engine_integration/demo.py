@@ -59,30 +59,6 @@ def burst(server: VllmServer, requests: int) -> tuple[list[float], int]:
     return [r for r in results if r is not None], sum(r is None for r in results)
 
 
-def plot(timeline: Timeline, phases: list[tuple[str, float, float]], out: Path) -> str:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "(matplotlib not installed: no plot)"
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    for name in ("a", "b"):
-        rows = [(t, b / 2**20) for t, n, b in timeline.rows if n == name]
-        ax.plot([t for t, _ in rows], [b for _, b in rows], label=f"server {name}")
-    for busy, start, end in phases:
-        ax.axvspan(start, end, alpha=0.08, color="C0" if busy == "a" else "C1")
-    ax.axhline(BUDGET / 2**20, color="k", linestyle="--", linewidth=0.8, label="shared budget")
-    ax.axhline(BUDGET / 2 / 2**20, color="gray", linestyle=":", linewidth=0.8, label="static equal split")
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("KV memory held (MiB)")
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    return str(out)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -108,7 +84,7 @@ def main() -> int:
         for server in servers.values():
             server.wait_ready()
         timeline = Timeline(segment)
-        phases: list[tuple[str, float, float]] = []
+        phases: list[tuple[str, float, float]] = []  # (busy server, start, end)
         columns = [("burst", 5), ("server", 6), ("ok", 4), ("errors", 6), ("p50 s", 6)]
         columns += [("peak a MiB", 10), ("peak b MiB", 10)]
         print("\n" + " ".join(f"{name:>{width}}" for name, width in columns))
@@ -124,7 +100,7 @@ def main() -> int:
             print(f"{row} {peaks[0]:>10.2f} {peaks[1]:>10.2f}")
         timeline.close()
         timeline.write_csv(args.out / "demo-memory.csv")
-        picture = plot(timeline, phases, args.out / "demo-memory.png")
+        picture = timeline.plot(args.out / "demo-memory.png", BUDGET, phases)
         print(f"\nmemory timeline: {args.out / 'demo-memory.csv'}, plot: {picture}")
         for name in user_tiers():
             tier = tier_stats(name)

@@ -199,6 +199,9 @@ def test_timeline_samples_each_instance_held_memory(segment, tmp_path):
     timeline.write_csv(tmp_path / "t.csv")
     lines = (tmp_path / "t.csv").read_text().splitlines()
     assert lines[0] == "seconds,instance,held_bytes" and len(lines) == len(timeline.rows) + 1
+    pytest.importorskip("matplotlib")
+    assert timeline.plot(tmp_path / "t.png", 16 * PAGE, [("a", 0.0, end)]) == str(tmp_path / "t.png")
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("processes", [2, 4, 8, 16])

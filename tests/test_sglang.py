@@ -111,6 +111,7 @@ allocator = t.token_allocator(pool)
 print(type(allocator).__name__, hasattr(pool, "vmkv"), len(allocator.free_pages))
 """
     env = {**os.environ, "VMKV": vmkv, "VMKV_SEGMENT": f"/vmkv-{os.getuid()}-sglplug{os.getpid()}{vmkv}"}
+    env["VMKV_CPU_BYTES"] = "64M"
     env["PYTHONPATH"] = os.pathsep.join([str(HERE / "stand_ins"), env.get("PYTHONPATH", "")])
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -295,3 +296,52 @@ def test_a_vllm_server_and_sglang_share_one_budget(tmp_path: Path, monkeypatch: 
         server.stop()
         if pool is not None:
             pool.vmkv.close()
+
+
+def path_slots(node, root) -> torch.Tensor:
+    """The KV slots along the tree path that ends at ``node``."""
+    parts = []
+    while node is not root:
+        parts.append(node.value)
+        node = node.parent
+    return torch.cat(parts[::-1])
+
+
+def test_reclaimed_radix_entries_are_spilled_and_reloaded_on_a_prefix_hit(stacks, monkeypatch, tmp_path):
+    monkeypatch.setenv("VMKV_SPILL", "1")
+    monkeypatch.setenv("VMKV_SPILL_DIR", str(tmp_path))
+    monkeypatch.setenv("VMKV_CPU_BYTES", "64M")
+    pool = make_pool(stacks, 40000)
+    allocator = token_allocator(pool)
+    requests = memory_pool.ReqToTokenPool(8, 32768, "cpu", False)
+    cache = RadixCache(
+        CacheInitParams(
+            disable=False, req_to_token_pool=requests, token_to_kv_pool_allocator=allocator, page_size=1
+        )
+    )
+    tokens = array("q", range(7, 12007))
+    slots = allocator.alloc(len(tokens))
+    keys = [torch.randn(len(slots), 4, 64).half() for _ in range(LAYERS)]
+    for layer in range(LAYERS):
+        pool.k_buffer[layer][slots], pool.v_buffer[layer][slots] = keys[layer], -keys[layer]
+    cache.insert(InsertParams(key=RadixKey(tokens[:5000]), value=slots[:5000]))  # two nodes
+    cache.insert(InsertParams(key=RadixKey(tokens), value=slots))
+    assert mapped(pool) == 3
+
+    pool.vmkv.reclaimer.reclaim(pool.vmkv.pool.stats().in_use)
+    memory.wrap_on_idle(lambda self: None)(
+        SimpleNamespace(token_to_kv_pool_allocator=allocator, tree_cache=cache)
+    )
+    assert cache.evictable_size() == 0 and mapped(pool) == 1
+    assert allocator.radix_spill.spilled_tokens == len(tokens)
+
+    longer = RadixKey(tokens + array("q", [1, 2, 3]))  # a new request sharing the prefix
+    result = cache.match_prefix(MatchPrefixParams(key=longer))
+    assert allocator.radix_spill.reloaded_tokens == len(tokens)
+    back = path_slots(result.last_device_node, cache.root_node)
+    assert len(back) == len(tokens) and mapped(pool) == 3
+    for layer in range(LAYERS):
+        assert torch.equal(pool.k_buffer[layer][back], keys[layer])
+        assert torch.equal(pool.v_buffer[layer][back], -keys[layer])
+    other = RadixKey(array("q", [99, *tokens[1:]]))  # another prefix: nothing to reload
+    assert cache.match_prefix(MatchPrefixParams(key=other)).last_device_node is cache.root_node

@@ -122,11 +122,16 @@ class KVStack:
     ) -> None:
         """Let reclaim take the engine's cold cached blocks, spilling them to the host
         tier first unless VMKV_SPILL=0."""
-        if self.settings.spill:
+        self.open_spill(tensors, namespace, block_dim)
+        self.reclaimer.cold.append(ColdTier(self.allocator, cache, self.spill))
+
+    def open_spill(self, tensors: Sequence[torch.Tensor], namespace: Namespace, block_dim: int = 0) -> None:
+        """Open the spill tier for ``tensors`` as ``self.spill`` (stays None when
+        VMKV_SPILL=0), for engines that spill on their own thread instead of reclaim's."""
+        if self.settings.spill and self.spill is None:
             from vmkv.spill import SpillStore
 
             self.spill = SpillStore(tensors, namespace, block_dim, vmm=self.vmm)
-        self.reclaimer.cold.append(ColdTier(self.allocator, cache, self.spill))
 
     def reload(self, key: bytes) -> int | None:
         """A fresh block holding the spilled block of ``key``, or None when the tier lacks

@@ -45,7 +45,7 @@ if [ "$ENGINE" = sglang ]; then
   echo "== 3. patches for sglang 0.5.23: none (hooks install through sglang.srt.plugins)"
   echo "== 4. check: a KV pool and allocator on vmkv, through SGLang's plugin loader"
   # No CPU torchvision wheel matches; SGLang imports it but its memory layer never uses it.
-  PYTHONPATH=$ROOT/tests/stand_ins VMKV=1 VMKV_SEGMENT=/vmkv-$(id -u)-setupcheck$$ \
+  PYTHONPATH=$ROOT/tests/stand_ins VMKV=1 VMKV_SEGMENT=/vmkv-$(id -u)-setupcheck$$ VMKV_CPU_BYTES=64M \
     "$PY" "$ROOT/engine_integration/scripts/check_sglang.py" 2>/dev/null | grep -E "^vmkv:"
   echo "== done: start servers with VMKV=1 python -m sglang.launch_server ... (GPU)"
   exit 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from vmkv.coordinator.segment import Segment
@@ -40,6 +41,36 @@ class Timeline:
     def write_csv(self, path: Path) -> None:
         with path.open("w", newline="") as f:
             csv.writer(f).writerows([("seconds", "instance", "held_bytes"), *self.rows])
+
+    def plot(self, path: Path, budget_bytes: int, busy: Sequence[tuple[str, float, float]] = ()) -> str:
+        """Held memory per instance over time as a PNG, with the shared budget, a static
+        equal split of it, and ``busy`` windows (instance, start, end) shaded. Returns the
+        path, or why there is no plot (matplotlib is optional)."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return "(matplotlib not installed: no plot)"
+        names = sorted({n for _, n, _ in self.rows} | {n for n, _, _ in busy})
+        color = {name: f"C{i}" for i, name in enumerate(names)}
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        for name in names:
+            rows = [(t, b / 2**20) for t, n, b in self.rows if n == name]
+            ax.plot([t for t, _ in rows], [b for _, b in rows], color=color[name], label=name)
+        for name, start, end in busy:
+            ax.axvspan(start, end, alpha=0.08, color=color[name])
+        ax.axhline(budget_bytes / 2**20, color="k", linestyle="--", linewidth=0.8, label="shared budget")
+        split = budget_bytes / max(1, len(names)) / 2**20
+        ax.axhline(split, color="gray", linestyle=":", linewidth=0.8, label="static equal split")
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("KV memory held (MiB)")
+        ax.legend(loc="upper right", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return str(path)
 
     def close(self) -> None:
         self._stop.set()

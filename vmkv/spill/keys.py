@@ -80,3 +80,16 @@ class TierKeys:
 
     def keys(self, block_hashes: Sequence[BlockHash]) -> list[bytes]:
         return [self.key(block_hash) for block_hash in block_hashes]
+
+
+def token_chain(previous: bytes, tokens: Sequence[int]) -> list[bytes]:
+    """One hash per token, each covering ``previous`` (the hash of the token before, or of
+    a namespace seed) and so every token before it: a key for one token's KV that only the
+    same prefix finds again. For engines that cache by token path (SGLang's radix tree)
+    rather than by block hash."""
+    keys: list[bytes] = []
+    for token in tokens:
+        token_bytes = token.to_bytes(8, "little", signed=True)
+        previous = hashlib.blake2b(previous + token_bytes, digest_size=KEY_BYTES).digest()
+        keys.append(previous)
+    return keys

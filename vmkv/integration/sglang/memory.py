@@ -12,7 +12,8 @@ pages whose every id is free: when the scheduler is idle, and when the coordinat
 for memory back. The coordinator's request arrives on its own thread, while the free
 list, the radix tree and the device stream belong to the scheduler's; so the request is
 only noted there (``Reclaimer.on_debt``) and paid on the scheduler's thread, in
-:meth:`ElasticIds.settle`, by evicting cold radix-tree entries if freeing is not enough.
+:meth:`ElasticIds.settle`, by evicting cold radix-tree entries if freeing is not enough,
+after copying them to the spill tier (radix.py) unless VMKV_SPILL=0.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Any
 import torch
 
 from vmkv.allocator.paged_ids import PagedIds
+from vmkv.integration.sglang.radix import RadixSpill
+from vmkv.spill import Namespace
 from vmkv.stack import KVStack, StackSettings
 
 log = logging.getLogger("vmkv")
@@ -118,6 +121,7 @@ class ElasticIds:
     """
 
     _ids: PagedIds | None = None
+    radix_spill: RadixSpill | None = None  # read by the wrapped RadixCache.match_prefix
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # runs clear(): the vanilla, full free list
@@ -129,6 +133,12 @@ class ElasticIds:
         self._owed = False
         self._free_seen = -1  # free ids at the last idle shrink: skip it while unchanged
         stack.reclaimer.on_debt.append(self._note_debt)
+        if stack.settings.spill:
+            pool = self._kvcache
+            buffers = pool.k_buffer + pool.v_buffer if hasattr(pool, "k_buffer") else pool.kv_buffer
+            namespace = Namespace(stack.settings.model, str(pool.store_dtype), 1, hash_seed="sglang-radix")
+            stack.open_spill(buffers, namespace)
+            self.radix_spill = RadixSpill(stack, self)
         self.clear()
 
     # -- SGLang's allocator interface ------------------------------------------------------
@@ -197,6 +207,8 @@ class ElasticIds:
                 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
                 tokens = -(-debt // space.physical_per_page) * self._ids.ids_per_page * self.page_size
+                if self.radix_spill is not None:
+                    self.radix_spill.spill_coldest(tree_cache, tokens)
                 tree_cache.evict(EvictParams(num_tokens=tokens))
                 self._shrink(None)
             self._stack.allocator.trim(-(-pool.stats().debt // space.physical_per_page))

@@ -8,7 +8,8 @@ names, all looked up by attribute, never by reading source (see memory.py):
   SGLang derives its pointer tables afterwards; ``_create_buffers`` on 0.5.15);
 * the token and paged allocator classes where the pools' builder looks them up
   (``kv_cache_configurator`` on 0.5.23, ``model_runner_kv_cache_mixin`` on 0.5.15);
-* ``Scheduler.on_idle``, where memory is settled with the coordinator.
+* ``Scheduler.on_idle``, where memory is settled with the coordinator;
+* ``RadixCache.match_prefix``, which reloads spilled entries past a device match.
 
 Every target is checked before anything is replaced. SGLang logs and skips a plugin that
 raises an Exception; a refusal here raises SystemExit instead, so that a server asked to
@@ -32,9 +33,9 @@ _installed = False
 def _hooks(line: str) -> list[tuple[Any, str, Callable[[Any], Any]]]:
     """(owner, attribute, original -> replacement) for a supported release."""
     from sglang.srt.managers import scheduler
-    from sglang.srt.mem_cache import memory_pool
+    from sglang.srt.mem_cache import memory_pool, radix_cache
 
-    from vmkv.integration.sglang import memory
+    from vmkv.integration.sglang import memory, radix
 
     if line == "0.5.23":
         from sglang.srt.mem_cache import kv_cache_configurator as builder
@@ -50,6 +51,7 @@ def _hooks(line: str) -> list[tuple[Any, str, Callable[[Any], Any]]]:
         (builder, "TokenToKVPoolAllocator", memory.elastic),
         (builder, "PagedTokenToKVPoolAllocator", memory.elastic),
         (scheduler.Scheduler, "on_idle", memory.wrap_on_idle),
+        (radix_cache.RadixCache, "match_prefix", radix.wrap_match_prefix),
     ]
 
 
