@@ -37,8 +37,8 @@ test: install $(SGLANG_VENV)/.installed
 	VMKV_REQUIRE_SGLANG=1 VMKV_VLLM_PYTHON=$(abspath $(PY)) $(SGLANG_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_sglang.py
 
 lint: install
-	$(VENV)/bin/ruff check vmkv tests benchmarks engine_integration setup.py
-	$(VENV)/bin/ruff format --check vmkv tests benchmarks engine_integration setup.py
+	$(VENV)/bin/ruff check vmkv tests benchmarks engine_integration scripts setup.py
+	$(VENV)/bin/ruff format --check vmkv tests benchmarks engine_integration scripts setup.py
 
 bench: install
 	cd benchmarks && ../$(PY) bench_vmm.py --backend host --json && ../$(PY) bench_alloc.py --json && ../$(PY) bench_coordinator.py --json && ../$(PY) bench_spill.py --backend host --json

@@ -38,7 +38,7 @@ PROMPT = "once upon a time there was a tiny model that wrote long stories about 
 def tiny_model() -> Path:
     out = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vmkv" / "tiny-llama"
     if not (out / "config.json").exists():
-        script = Path(__file__).parent / "scripts" / "make_tiny_model.py"
+        script = Path(__file__).parent.parent / "scripts" / "make_tiny_model.py"
         subprocess.run([sys.executable, str(script), str(out)], check=True, capture_output=True)
     return out
 

@@ -243,7 +243,7 @@ def test_a_vllm_server_and_sglang_share_one_budget(tmp_path: Path, monkeypatch: 
     shared = {"VMKV_SEGMENT": segment, "VMKV_BUDGET": str(budget_pages * page), "VMKV_PAGE_BYTES": str(page)}
     shared["VMKV_KEEP_FREE_PAGES"] = "0"
     model = tmp_path / "tiny"
-    make_model = ROOT / "engine_integration" / "scripts" / "make_tiny_model.py"
+    make_model = ROOT / "scripts" / "make_tiny_model.py"
     subprocess.run([VLLM_PYTHON, str(make_model), str(model)], check=True, capture_output=True)
     env = server_env(True, VMKV_NAME="vllm", VMKV_CPU_BYTES="64M", **shared)
     server = VllmServer(model, env, tmp_path / "vllm.log", 8 << 20, python=VLLM_PYTHON)

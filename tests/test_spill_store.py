@@ -29,6 +29,7 @@ from vmkv.spill import (
     Transfer,
 )
 from vmkv.spill.host_tier import user_tiers
+from vmkv.spill.keys import token_chain
 from vmkv.spill.layout import BlockLayout
 from vmkv.spill.transfer import _GridCopies, _PartCopies
 from vmkv.vmm_ops import open_vmm
@@ -245,6 +246,24 @@ def test_pinned_slots_are_not_evicted(namespace):
         index.unpin(proc, slots)
         store.store([b"d", b"e"], [4, 5])
         assert store.contains(b"a") == ABSENT
+    finally:
+        store.close()
+
+
+def test_token_chains_find_only_the_same_prefix_and_stop_at_the_first_gap(namespace):
+    tensors, block_dim = make_kv("flat", 64, torch.float16)
+    store = open_store(tensors, block_dim, namespace, slots=64)
+    try:
+        seed = b"seed"
+        tokens = list(range(100, 140))
+        keys = token_chain(seed, tokens)
+        assert len(set(keys)) == len(tokens) and token_chain(seed, tokens[:5]) == keys[:5]
+        store.store(keys[:30], list(range(1, 31))).wait()
+        assert len(store.chain_hits(seed, tokens)) == 30  # probes in chunks, stops at the gap
+        assert store.chain_hits(seed, tokens[:10]) == keys[:10]
+        assert store.chain_hits(keys[9], tokens[10:]) == keys[10:30]  # resumed mid-chain
+        assert store.chain_hits(b"other seed", tokens) == []
+        assert store.chain_hits(seed, [7, *tokens[1:]]) == []  # another first token
     finally:
         store.close()
 

@@ -34,7 +34,7 @@ def tiny_model() -> Path:
     out = Path(tempfile.gettempdir()) / f"vmkv-tiny-llama-{os.getuid()}"
     if not (out / "config.json").exists():
         subprocess.run(
-            [sys.executable, str(ROOT / "engine_integration/scripts/make_tiny_model.py"), str(out)],
+            [sys.executable, str(ROOT / "scripts/make_tiny_model.py"), str(out)],
             check=True,
             capture_output=True,
         )

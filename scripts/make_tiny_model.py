@@ -1,7 +1,7 @@
 """A tiny random-weight Llama and a locally trained byte-level BPE tokenizer, with no
 download: enough for real vLLM/SGLang to load, and deterministic under greedy decoding.
 
-  python engine_integration/scripts/make_tiny_model.py DIR [--layers 2] [--hidden 128]
+  python scripts/make_tiny_model.py DIR [--layers 2] [--hidden 128]
 """
 
 from __future__ import annotations
