@@ -32,9 +32,21 @@ $(SGLANG_VENV)/.installed: setup.py pyproject.toml $(wildcard vmkv/*/csrc/*) eng
 	bash engine_integration/scripts/setup.sh sglang --venv $(SGLANG_VENV)
 	touch $@
 
-test: install $(SGLANG_VENV)/.installed
+# SGLang 0.5.15 (the GPU machine's pin) laid over that venv: its memory layer wants an
+# older transformers and tokenizers; everything else is shared.
+SGLANG_OLD := $(SGLANG_VENV)/sglang-0.5.15
+$(SGLANG_OLD)/.installed: $(SGLANG_VENV)/.installed
+	$(SGLANG_VENV)/bin/python -m pip install -q --no-deps --target $(SGLANG_OLD) sglang==0.5.15 \
+	  transformers==5.12.1 tokenizers==0.22.2 "huggingface-hub>=1.5,<2"
+	$(SGLANG_VENV)/bin/python -m pip install -q --target $(SGLANG_OLD) -c $(SGLANG_VENV)/constraints.txt httpx
+	touch $@
+
+SGLANG_TEST := VMKV_REQUIRE_SGLANG=1 VMKV_VLLM_PYTHON=$(abspath $(PY)) $(SGLANG_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_sglang.py
+
+test: install $(SGLANG_VENV)/.installed $(SGLANG_OLD)/.installed
 	$(PY) -m pytest -q
-	VMKV_REQUIRE_SGLANG=1 VMKV_VLLM_PYTHON=$(abspath $(PY)) $(SGLANG_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_sglang.py
+	$(SGLANG_TEST)
+	PYTHONPATH=$(abspath $(SGLANG_OLD)) $(SGLANG_TEST)
 
 lint: install
 	$(VENV)/bin/ruff check vmkv tests benchmarks engine_integration scripts setup.py
