@@ -61,23 +61,20 @@ class PagedIds:
         blocks = [self.allocator.page_blocks(page) for page in pages]
         return torch.cat([torch.arange(b.start, b.stop, dtype=torch.int64) for b in blocks]).to(self.device)
 
-    def shrink(self, free_ids: torch.Tensor, max_pages: int | None = None) -> tuple[torch.Tensor, int]:
-        """Release pages whose every id is in ``free_ids`` (all of them, or the
-        ``max_pages`` highest). Returns the free ids that remain, and how many pages went."""
+    def shrink(self, free_ids: torch.Tensor) -> torch.Tensor:
+        """Release the pages whose every id is in ``free_ids``; returns the free ids left."""
         import torch
 
         page_of = free_ids // self.ids_per_page
         counts = torch.bincount(page_of, minlength=self.num_pages)
         whole = torch.nonzero(counts == self._page_sizes).flatten().tolist()
-        if max_pages is not None:
-            whole = whole[max(0, len(whole) - max_pages) :] if max_pages > 0 else []
         if not whole:
-            return free_ids, 0
+            return free_ids
         released = torch.tensor(whole, dtype=torch.int64, device=free_ids.device)
         remaining = free_ids[~torch.isin(page_of, released)]
         self.allocator.free_pages(whole)
         self._grown.difference_update(whole)
-        return remaining, len(whole)
+        return remaining
 
     def release_all(self) -> None:
         """Release every page but page 0: for an engine whose ids are all free again (its

@@ -185,10 +185,10 @@ class ElasticIds:
     def _note_debt(self) -> None:  # the coordinator's thread
         self._owed = True
 
-    def _shrink(self, max_pages: int | None) -> int:
+    def _shrink(self) -> None:
+        """Drop the ids of wholly free pages from the free list; their pages go back."""
         self.merge_and_sort_free()
-        self.free_pages, released = self._ids.shrink(self.free_pages, max_pages)
-        return released
+        self.free_pages = self._ids.shrink(self.free_pages)
 
     def settle(self, tree_cache: Any) -> None:
         """On the scheduler's thread: pay what the coordinator asked for (first with free
@@ -200,7 +200,7 @@ class ElasticIds:
         if not self._owed and free == self._free_seen:
             return
         pool, space = self._stack.pool, self._stack.space
-        self._shrink(None)
+        self._shrink()
         if self._owed:
             debt = pool.stats().debt
             if debt and tree_cache is not None and tree_cache.evictable_size() > 0:
@@ -210,7 +210,7 @@ class ElasticIds:
                 if self.radix_spill is not None:
                     self.radix_spill.spill_coldest(tree_cache, tokens)
                 tree_cache.evict(EvictParams(num_tokens=tokens))
-                self._shrink(None)
+                self._shrink()
             self._stack.allocator.trim(-(-pool.stats().debt // space.physical_per_page))
             self._owed = pool.stats().debt > 0 and tree_cache is None
         self._free_seen = super().available_size()
