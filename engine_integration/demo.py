@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent / "benchmark"))
-from servers import VllmServer, server_env
+from servers import VllmServer, server_env, tiny_model
 
 from vmkv.coordinator.segment import remove_segment
 from vmkv.coordinator.timeline import Timeline
@@ -33,14 +32,6 @@ KV_BYTES = 8 << 20  # each server's static KV size (its virtual capacity on vmkv
 BUDGET = 12 << 20  # shared: a static equal split would give each 6 MiB
 PHASES = ("a", "b", "a", "b")
 PROMPT = "once upon a time there was a tiny model that wrote long stories about "
-
-
-def tiny_model() -> Path:
-    out = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vmkv" / "tiny-llama"
-    if not (out / "config.json").exists():
-        script = Path(__file__).parent.parent / "scripts" / "make_tiny_model.py"
-        subprocess.run([sys.executable, str(script), str(out)], check=True, capture_output=True)
-    return out
 
 
 def burst(server: VllmServer, requests: int) -> tuple[list[float], int]:

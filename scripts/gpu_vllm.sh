@@ -3,6 +3,7 @@
 # installed into /tmp/site (see README, GPU runs). Logs and JSON go to $OUT.
 #   bash scripts/gpu_vllm.sh tests   the GPU vLLM tests (tiny model, vanilla vs vmkv)
 #   bash scripts/gpu_vllm.sh bench   throughput on vmkv / vanilla, 886M model in /tmp/model
+#   bash scripts/gpu_vllm.sh coloc   the co-location benchmark, static split vs vmkv, 886M model
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/vmkv-out}
@@ -26,5 +27,15 @@ bench)
   [ -f /tmp/model/config.json ] || bash /tmp/gpu-vllm/device.sh model /tmp/model > "$OUT/model.log" 2>&1
   (cd benchmarks && python3 bench_vllm_overhead.py /tmp/model --kv-bytes $((4 << 30)) --prompts 256 \
      --max-tokens 128 --rounds "${ROUNDS:-3}" --repeats 3 --json) 2>&1 | tee "$OUT/bench_vllm_overhead_gpu.txt" | tail -6 ;;
-*) echo "usage: gpu_vllm.sh tests|bench"; exit 2 ;;
+coloc)  # the run stays in /tmp/vmkv-coloc; $OUT gets what fits its 8-file limit
+  [ -f /tmp/model/config.json ] || bash /tmp/gpu-vllm/device.sh model /tmp/model > "$OUT/model.log" 2>&1
+  run=/tmp/vmkv-coloc
+  PYTHON=python3 INSTANCES=${INSTANCES:-2} BUDGET=${BUDGET:-1G} \
+    SERVER_ARGS="--model /tmp/model --max-model-len 2048 ${SERVER_ARGS:-}" \
+    bash engine_integration/benchmark/run_colocation.sh "$run" --duration "${DURATION:-60}" --phase 15 \
+    --rate-on "${RATE_ON:-3.5}" --rate-off 0.5 --prompt-len 512 --output-len 256 --shared-prefix 128 \
+    2>&1 | tee "$OUT/coloc.txt" | grep -v '^{"date'
+  cp "$run/ttft_cdf.png" "$OUT/coloc-ttft_cdf.png"; cp "$run/vmkv/memory.png" "$OUT/coloc-memory.png"
+  cp "$run/static/summary.json" "$OUT/coloc-static.json"; cp "$run/vmkv/summary.json" "$OUT/coloc-vmkv.json" ;;
+*) echo "usage: gpu_vllm.sh tests|bench|coloc"; exit 2 ;;
 esac

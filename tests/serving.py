@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "engine_integration" / "benchmark"))
-from servers import VllmServer, server_env
+from servers import VllmServer, server_env, tiny_model
 
-__all__ = ["PROMPT", "VllmServer", "burst", "peak_held", "server_env", "vmkv_ls"]
+__all__ = ["PROMPT", "VllmServer", "burst", "peak_held", "server_env", "tiny_model", "vmkv_ls"]
 
 PROMPT = "once upon a time there was a tiny model that wrote stories " * 6
 

@@ -63,3 +63,39 @@ def test_misuse(host):
         pool.release(pages)
     with pytest.raises(ValueError, match="max_pages"):
         PagePool(host, max_pages=-1)
+
+
+class CountingLease:
+    """A lease of ``budget`` pages that records what the pool holds."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget, self.leased, self.held = budget, 0, 0
+
+    def acquire(self, pages: int) -> bool:
+        if self.leased + pages > self.budget:
+            return False
+        self.leased += pages
+        return True
+
+    def release(self, pages: int, held: int, mapped: int) -> None:
+        self.leased -= pages
+        self.held = held
+
+    def report(self, held: int, mapped: int) -> None:
+        self.held = held
+
+
+def test_reserve_pools_leased_pages_ahead_of_need(host):
+    lease = CountingLease(budget=6)
+    pool = PagePool(host, max_pages=5, lease=lease)
+    assert pool.reserve(3)
+    assert (pool.stats().pooled, pool.stats().in_use, lease.leased, lease.held) == (3, 0, 3, 3)
+    assert host.stats()["resident_bytes"] == 3 * MiB
+    assert pool.acquire(3) is not None and pool.stats().created == 3  # no new page: reserved ones
+    assert not pool.reserve(3)  # max_pages: the lease it took goes back
+    assert lease.leased == 3 and pool.stats().misses == 1
+    lease.budget = 4
+    assert not pool.reserve(2)  # the lease refuses
+    assert lease.leased == 3 and pool.stats().misses == 2
+    with pytest.raises(ValueError, match="positive"):
+        pool.reserve(0)

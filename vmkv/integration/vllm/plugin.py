@@ -9,7 +9,9 @@ names, all looked up by attribute, never by reading source:
   ``_allocate_kv_cache_tensors`` (the V2 runner's ``attn_utils._allocate_kv_cache``
   refuses with a clear error; vmkv selects the V1 runner unless told otherwise), and
   ``GPUModelRunner.initialize_kv_cache`` is wrapped to leave profiling caches vanilla;
-* ``kv_cache_coordinator.BlockPool``: the scheduler's pool becomes elastic.
+* ``kv_cache_coordinator.BlockPool``: the scheduler's pool becomes elastic, and
+  ``KVCacheManager.allocate_slots`` is wrapped to tell it when a request did not fit,
+  and ``Scheduler.schedule`` to keep reclaim off the blocks a step has looked up.
 
 Every hook target is checked before anything is replaced, so a vLLM that lacks one is
 refused whole instead of running half-patched.
@@ -34,16 +36,19 @@ V2_RUNNER = "VLLM_USE_V2_MODEL_RUNNER"
 
 def _hooks(line: str) -> list[tuple[Any, str, Callable[[Any], Any]]]:
     """(owner, attribute, original -> replacement) for a supported release line."""
-    from vllm.v1.core import kv_cache_coordinator
+    from vllm.v1.core import kv_cache_coordinator, kv_cache_manager
+    from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.worker import gpu_model_runner
 
     from vmkv.integration.vllm import worker
-    from vmkv.integration.vllm.block_pool import VmkvBlockPool
+    from vmkv.integration.vllm.block_pool import VmkvBlockPool, wrap_allocate_slots, wrap_schedule
 
     runner = gpu_model_runner.GPUModelRunner
     common = [
         (runner, "initialize_kv_cache", worker.wrap_initialize_kv_cache),
         (kv_cache_coordinator, "BlockPool", lambda _: VmkvBlockPool),
+        (kv_cache_manager.KVCacheManager, "allocate_slots", wrap_allocate_slots),
+        (Scheduler, "schedule", wrap_schedule),
     ]
     if line == "0.32":
         return [(gpu_model_runner, "allocate_kv_cache", lambda _: worker.allocate_kv_cache), *common]
