@@ -168,6 +168,35 @@ def test_an_allocation_past_the_budget_is_a_miss_that_changes_nothing(stacks):
     allocator.free(held)
 
 
+def test_an_idle_turn_with_a_waiting_request_leases_what_it_lacks(stacks):
+    """SGLang admits a request only when available_size covers it. When another instance
+    holds the budget as idle pages, the idle turn (which SGLang also takes while requests
+    wait unadmitted) leases what the first waiting request lacks."""
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    from vmkv.stack import KVStack, StackSettings
+
+    allocator = token_allocator(make_pool(stacks, 60000))
+    settings = StackSettings("other", "test", "tiny", spill=False, keep_free_pages=0)
+    other = KVStack(torch.device("cpu"), [PAGE // 16] * PHYSICAL_PER_KV_PAGE, 160, settings)
+    stacks.append(other)
+    other.allocator.free(other.allocator.alloc(other.grantable_blocks()))  # idle, holding the rest
+    assert other.pool.stats().pooled > 0 and allocator.available_size() == TOKENS_PER_PAGE - 1
+    need = 2 * TOKENS_PER_PAGE + 16
+    request = Req("r0", "", array("q", range(2 * TOKENS_PER_PAGE)), SamplingParams(max_new_tokens=16))
+    scheduler = SimpleNamespace(
+        token_to_kv_pool_allocator=allocator, tree_cache=None, waiting_queue=[request]
+    )
+    idle_turn = memory.wrap_on_idle(lambda self: None)
+    deadline = time.monotonic() + 10
+    while allocator.available_size() < need and time.monotonic() < deadline:
+        idle_turn(scheduler)
+        time.sleep(0.01)
+    assert allocator.available_size() >= need, "the idle turn did not lease what the request lacks"
+    assert allocator.alloc(need) is not None
+
+
 def test_paged_allocator_extends_and_decodes_on_demand(stacks):
     if plugin.require("sglang", sglang.__version__) == "0.5.15" and not torch.cuda.is_available():
         pytest.skip("SGLang 0.5.15's paged alloc_extend is a Triton kernel: GPU only")

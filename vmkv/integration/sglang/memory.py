@@ -183,6 +183,14 @@ class ElasticIds:
         if short > 0 and (fresh := self._ids.grow(short)) is not None:
             self.free_pages = torch.cat((self.free_pages, fresh))
 
+    def prefetch_for(self, tokens: int) -> None:
+        """A waiting request that needs ``tokens`` free tokens to be admitted does not
+        fit: lease what it lacks for a later turn (see KVStack.prefetch). SGLang admits
+        only what ``available_size`` covers, so without this an instance whose neighbour
+        holds the budget as idle cached pages would never ask for them."""
+        if self._ids is not None:
+            self._stack.prefetch(-(-tokens // self.page_size) - self.available_size() // self.page_size)
+
     def _note_debt(self) -> None:  # the coordinator's thread
         self._owed = True
 
@@ -223,13 +231,20 @@ def elastic(base: type) -> type:
 
 
 def wrap_on_idle(original: Any) -> Any:
-    """Scheduler.on_idle: settle the allocator's memory with the coordinator."""
+    """Scheduler.on_idle: settle the allocator's memory with the coordinator. SGLang
+    also takes this turn when requests wait and none could be admitted: then lease what
+    the first one lacks."""
+    from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS
 
     def on_idle(self: Any, *args: Any, **kwargs: Any) -> Any:
         result = original(self, *args, **kwargs)
         allocator = getattr(self, "token_to_kv_pool_allocator", None)
         if isinstance(allocator, ElasticIds):
             allocator.settle(getattr(self, "tree_cache", None))
+            if waiting := getattr(self, "waiting_queue", None):
+                first = waiting[0]  # SGLang's own admission estimate: prompt + clipped output
+                new_tokens = min(first.sampling_params.max_new_tokens or 0, CLIP_MAX_NEW_TOKENS)
+                allocator.prefetch_for(len(first.origin_input_ids) + new_tokens)
         return result
 
     return on_idle
