@@ -8,7 +8,6 @@ and gives memory back to the device only when asked to trim.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -90,10 +89,16 @@ class PagePool:
             return False
         if self.lease is not None and not self.lease.acquire(count):
             return False
+        return self._create_leased(count)
+
+    def _create_leased(self, count: int) -> bool:
+        """Create ``count`` pages the lease already covers into the pool (under the pool
+        lock); on device exhaustion the lease goes back."""
         try:
             self._pooled.extend(self.vmm.create_pages(count))
         except OutOfDeviceMemory:
             if self.lease is not None:
+                held = len(self._pooled) + len(self._in_use)
                 self.lease.release(count, held, len(self._in_use))
             return False
         self._created += count
@@ -111,17 +116,15 @@ class PagePool:
             return False
         with self._lock:
             held = len(self._pooled) + len(self._in_use)
-            created = None
-            if self.max_pages is None or held + count <= self.max_pages:
-                with contextlib.suppress(OutOfDeviceMemory):
-                    created = self.vmm.create_pages(count)
-            if created is None:
+            if self.max_pages is not None and held + count > self.max_pages:
                 if self.lease is not None:
                     self.lease.release(count, held, len(self._in_use))
+                created = False
+            else:
+                created = self._create_leased(count)
+            if not created:
                 self._misses += 1
                 return False
-            self._pooled.extend(created)
-            self._created += count
             self._pay_debt()
             self._report()
         return True
