@@ -82,7 +82,7 @@ def test_segment_is_private_per_user_and_versioned(segment):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert f"-{os.getuid()}-" in segment.name
     header = segment.table.header()
-    assert (header["version"], header["page_size"], header["budget_pages"]) == (1, PAGE, BUDGET_PAGES)
+    assert (header["version"], header["page_size"], header["budget_pages"]) == (2, PAGE, BUDGET_PAGES)
     vmm = open_vmm("host", page_size=2 * PAGE)
     with pytest.raises(SegmentError, match="pages of 1048576 bytes"):
         join(vmm, "mismatch", segment=segment.name)
@@ -238,6 +238,41 @@ def test_weights_are_respected_under_contention(segment):
     finish(light), finish(heavy)
     mean = sum(shares) / len(shares)
     assert 0.65 <= mean <= 0.85, mean
+
+
+def test_a_busy_instance_is_asked_once_and_pays_as_its_blocks_free(segment):
+    """Reclaim from an instance whose pages all hold live blocks leaves it owing; asking
+    again must not double the debt, and freeing blocks pays it to the one who asked."""
+    from vmkv.allocator import BlockAllocator, KVSpace, PagePool
+    from vmkv.allocator.reclaim import Reclaimer
+
+    vmm = open_vmm("host", page_size=PAGE)
+    busy = join(vmm, "busy", segment=segment.name)
+    pool = PagePool(vmm, lease=busy)
+    allocator = BlockAllocator(KVSpace(pool, [PAGE // 4, PAGE // 4], 1024), keep_free_pages=0)
+    busy.reclaimer = Reclaimer(pool, [allocator])
+    live = []
+    while (blocks := allocator.alloc(allocator.blocks_per_page)) is not None:
+        live.append(blocks)
+    other = join(vmm, "other", segment=segment.name)
+    try:
+        assert _leased_by_name(segment)["busy"] == BUDGET_PAGES
+        for _attempt in range(3):
+            assert not other.acquire(8)  # nothing is idle: a miss, and busy owes 8
+            deadline = time.monotonic() + 2
+            while pool.stats().debt < 8 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            row = next(r for r in segment.table.snapshot() if r["name"] == "busy")
+            assert (row["reclaim_request"], pool.stats().debt) == (8, 8)
+        for blocks in live[-4:]:  # four KV pages of two physical pages each
+            allocator.free(blocks)
+        assert pool.stats().debt == 0
+        rows = {r["name"]: r for r in check_invariants(segment)}
+        assert rows["busy"]["leased"] == BUDGET_PAGES - 8 and rows["busy"]["reclaim_request"] == 0
+        assert other.acquire(8)
+    finally:
+        other.close()
+        busy.close()
 
 
 def test_min_is_guaranteed_by_reclaim(segment):

@@ -3,9 +3,12 @@ in CUDA VMM memory, FlashAttention kernels reading them, the elastic block pool.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
-from test_vllm import engine_env, run_vllm, segment, tiny_model  # noqa: F401  (fixtures)
+from test_vllm import HERE, engine_env, next_json, run_vllm, segment, tiny_model  # noqa: F401  (fixtures)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -43,3 +46,28 @@ def test_prefix_hits_on_the_gpu_give_the_same_outputs(tiny_model, segment):  # n
     vanilla = run_vllm(tiny_model, "prefix", gpu_env(False), *BF16, *kv)
     elastic = run_vllm(tiny_model, "prefix", gpu_env(True, segment), *BF16, *kv)
     assert elastic["texts"] == vanilla["texts"] == elastic["texts_again"] == vanilla["texts_again"]
+
+
+def test_a_second_instance_starts_beside_a_busy_one_sized_to_its_capacity(tiny_model, segment):  # noqa: F811
+    """Neither instance is given a KV size: each is sized to the budget, not to a profile
+    of free memory, and the second starts while the first holds KV pages and its weights."""
+    budget = 64 * PAGE
+    first = subprocess.Popen(
+        [sys.executable, str(HERE / "vllm_runner.py"), str(tiny_model), "prefix", *BF16, "--kv-bytes", "0",
+         "--hold", "600"],
+        env=gpu_env(True, segment, VMKV_NAME="first"), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        cached = next_json(first)
+        assert cached["after_first_run"]["held_pages"] > 0, cached
+        assert budget - (64 << 10) < cached["after_first_run"]["kv_bytes"] <= budget, cached
+        second = run_vllm(
+            tiny_model, "basic", gpu_env(True, segment, VMKV_NAME="second"), *BF16, "--kv-bytes", "0"
+        )
+        vanilla = run_vllm(tiny_model, "basic", gpu_env(False), *BF16, "--kv-bytes", str(16 << 20))
+        assert second["texts"] == vanilla["texts"] and all(vanilla["texts"])
+        assert budget - (64 << 10) < second["vmkv"]["kv_bytes"] <= budget, second["vmkv"]
+    finally:
+        first.kill()
+        first.wait()

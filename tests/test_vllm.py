@@ -119,12 +119,44 @@ def test_offline_greedy_outputs_are_identical_with_vmkv(tiny_model, segment):
 
 
 @cpu_engine
+def test_without_a_kv_size_the_cache_is_sized_to_the_vmkv_capacity(tiny_model, segment):
+    """No --kv-cache-memory-bytes: the KV cache spans the instance's max, or the budget,
+    whatever the neighbours hold, instead of vLLM's profile of free memory."""
+    budget = 8 << 20
+    sized = run_vllm(tiny_model, "basic", engine_env(True, segment, VMKV_BUDGET="8M"), "--kv-bytes", "0")
+    block = 64 << 10  # the tiny model's KV per block, all layers, K and V
+    assert budget - block < sized["vmkv"]["kv_bytes"] <= budget, sized["vmkv"]
+    capped = run_vllm(
+        tiny_model, "basic", engine_env(True, segment, VMKV_BUDGET="8M", VMKV_MAX="3M"), "--kv-bytes", "0"
+    )
+    assert (3 << 20) - block < capped["vmkv"]["kv_bytes"] <= 3 << 20, capped["vmkv"]
+    assert capped["texts"] == sized["texts"] and all(sized["texts"])
+
+
+@cpu_engine
 def test_preemption_under_pressure_gives_the_same_outputs(tiny_model, segment):
     kv = str(2 << 20)  # 32 blocks of 32 tokens for sixteen ~100-token prompts
     vanilla = run_vllm(tiny_model, "pressure", engine_env(False), "--kv-bytes", kv)
     elastic = run_vllm(tiny_model, "pressure", engine_env(True, segment), "--kv-bytes", kv)
     assert elastic["preemptions"] > 0
     assert elastic["texts"] == vanilla["texts"]
+
+
+@cpu_engine
+def test_an_instance_in_debt_finishes_its_running_requests_and_admits_no_new_ones(tiny_model, segment):
+    """Owing pages (a reclaim found nothing idle) stops admissions until the debt is paid,
+    but never preempts running requests: their tokens would only be computed again."""
+    kv = str(2 << 20)  # 32 blocks; the 2 MiB budget is all the instance may hold
+    vanilla = run_vllm(tiny_model, "debt", engine_env(False), "--kv-bytes", kv)
+    elastic = run_vllm(tiny_model, "debt", engine_env(True, segment, VMKV_BUDGET="2M"), "--kv-bytes", kv)
+    assert elastic["texts"] == vanilla["texts"]
+    assert elastic["owed_pages"] > 0 and elastic["preemptions"] == 0, elastic
+    first_done = elastic["done_step"][:4]
+    second_started = elastic["first_token_step"][4:]
+    assert max(first_done) < min(second_started), elastic
+    assert vanilla["first_token_step"][4] < max(vanilla["done_step"][:4])  # vanilla admits at once
+    # The finished requests' cached prefix went to the host tier to pay the debt.
+    assert elastic["vmkv"]["spilled_blocks"] > 0, elastic["vmkv"]
 
 
 @cpu_engine

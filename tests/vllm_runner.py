@@ -4,10 +4,15 @@ the stack did.
 
   python tests/vllm_runner.py MODEL_DIR SCENARIO [--kv-bytes N] [--hold SECONDS]
 
+--kv-bytes 0 gives vLLM no KV cache size (vmkv then sizes it to the instance's capacity).
+
 SCENARIO basic:    six prompts of different lengths.
 SCENARIO pressure: sixteen long prompts at once; a small KV cache forces preemption.
 SCENARIO prefix:   prompts sharing a long prefix, run, then (after --hold seconds, while
                    another instance may reclaim our cold cache) run again.
+SCENARIO debt:     the pressure prompts in two halves: once the first half runs, the
+                   instance owes back every page it maps (as a reclaim that finds no
+                   idle pages leaves it), and then the second half arrives.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ import time
 def prompts_for(scenario: str) -> list[str]:
     if scenario == "basic":
         return [f"hello world {i} " * (3 + 4 * i) for i in range(6)]
-    if scenario == "pressure":
-        return [f"story {i}: " + "once upon a time there was a tiny model " * 8 for i in range(16)]
+    if scenario in ("pressure", "debt"):
+        count = 16 if scenario == "pressure" else 8
+        return [f"story {i}: " + "once upon a time there was a tiny model " * 8 for i in range(count)]
     shared = "the shared system prompt says be brief and kind and exact " * 12
     return [shared + f"question {i}" for i in range(4)]
 
@@ -35,6 +41,7 @@ def vmkv_stats() -> dict:
     stack = worker.stack
     allocator, pool = stack.allocator.stats(), stack.pool.stats()
     return {
+        "kv_bytes": stack.allocator.num_blocks * sum(stack.space.block_bytes),
         "mapped_pages": allocator.mapped_pages,
         "used_blocks": allocator.used_blocks,
         "held_pages": pool.held,
@@ -64,10 +71,54 @@ def count_events(counts: dict[str, int]) -> None:
     pool.take_events = counted
 
 
+def run_in_debt(llm, prompts: list[str], params) -> dict:
+    """Steps the engine by hand: the first half of ``prompts`` starts, the instance is put
+    in debt for every page it maps (with vmkv), the second half arrives. Returns the
+    texts and, per request, the step of its first token and of its end."""
+    engine = llm.llm_engine
+    first, second = prompts[: len(prompts) // 2], prompts[len(prompts) // 2 :]
+    texts: dict[int, str] = {}
+    first_token: dict[int, int] = {}
+    done: dict[int, int] = {}
+    step = 0
+
+    def advance() -> None:
+        nonlocal step
+        step += 1
+        for out in engine.step():
+            index = int(out.request_id)
+            if out.outputs and out.outputs[0].token_ids:
+                first_token.setdefault(index, step)
+            if out.finished:
+                texts[index], done[index] = out.outputs[0].text, step
+
+    for index, prompt in enumerate(first):
+        engine.add_request(str(index), prompt, params)
+    while len(first_token) < len(first):
+        advance()
+    owed = 0
+    if os.environ.get("VMKV") == "1":
+        from vmkv.integration.vllm.worker import current_worker
+
+        pool = current_worker().stack.pool
+        owed = pool.stats().in_use
+        pool.owe(owed)
+    for index, prompt in enumerate(second, start=len(first)):
+        engine.add_request(str(index), prompt, params)
+    while engine.has_unfinished_requests():
+        advance()
+    return {
+        "texts": [texts[i] for i in range(len(prompts))],
+        "owed_pages": owed,
+        "first_token_step": [first_token[i] for i in range(len(prompts))],
+        "done_step": [done[i] for i in range(len(prompts))],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
-    parser.add_argument("scenario", choices=["basic", "pressure", "prefix"])
+    parser.add_argument("scenario", choices=["basic", "pressure", "prefix", "debt"])
     parser.add_argument("--kv-bytes", type=int, default=8 << 20)
     parser.add_argument("--hold", type=float, default=0.0)
     parser.add_argument("--max-tokens", type=int, default=24)
@@ -83,7 +134,7 @@ def main() -> None:
         max_model_len=512,
         enforce_eager=True,
         block_size=32,
-        kv_cache_memory_bytes=args.kv_bytes,
+        kv_cache_memory_bytes=args.kv_bytes or None,
         distributed_executor_backend="uni",
         enable_prefix_caching=True,
         disable_log_stats=False,
@@ -97,8 +148,10 @@ def main() -> None:
         count_events(events)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     prompts = prompts_for(args.scenario)
-    texts = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
-    result: dict = {"texts": texts}
+    if args.scenario == "debt":
+        result: dict = run_in_debt(llm, prompts, params)
+    else:
+        result = {"texts": [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]}
     vmkv_on = os.environ.get("VMKV") == "1"
     if vmkv_on:
         result["after_first_run"] = vmkv_stats()

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 
 from vmkv.allocator import BlockAllocator, KVSpace, PagePool
 from vmkv.allocator.reclaim import ColdCache, ColdTier, Reclaimer
-from vmkv.coordinator import Instance, join, parse_size
-from vmkv.vmm_ops import open_vmm
+from vmkv.coordinator import Instance, join, open_segment, parse_size
+from vmkv.vmm_ops import Vmm, open_vmm
 
 if TYPE_CHECKING:
     import torch
@@ -70,19 +70,36 @@ class StackSettings:
         )
 
 
+def open_backend(device: torch.device) -> Vmm:
+    """The vmkv backend for ``device`` ($VMKV_BACKEND overrides), with $VMKV_PAGE_BYTES pages."""
+    kind = os.environ.get("VMKV_BACKEND") or BACKEND_OF_DEVICE.get(device.type)
+    if kind is None:
+        raise ValueError(f"vmkv has no backend for {device.type} devices")
+    page = os.environ.get("VMKV_PAGE_BYTES")
+    return open_vmm(kind, device.index or 0, page_size=parse_size(page) if page else 0)
+
+
+def capacity_bytes(device: torch.device, settings: StackSettings) -> int:
+    """The most KV memory an instance on ``device`` may hold: its max, capped by the
+    coordinator's budget. Engines size their KV cache by this when the user gives no size:
+    profiling free memory would count the neighbours' elastic KV caches as taken, and
+    differently from one start to the next."""
+    vmm = open_backend(device)
+    budget = open_segment(vmm).table.header()["budget_pages"] * vmm.page_size
+    if settings.max_size is None:
+        return budget
+    return min(budget, parse_size(settings.max_size, vmm.mem_info()[1]))
+
+
 class KVStack:
     """Backend → lease → pool → KV space → block allocator, with reclaim (and spill)."""
 
     def __init__(
         self, device: torch.device, block_bytes: Sequence[int], num_blocks: int, settings: StackSettings
     ):
-        kind = os.environ.get("VMKV_BACKEND") or BACKEND_OF_DEVICE.get(device.type)
-        if kind is None:
-            raise ValueError(f"vmkv has no backend for {device.type} devices")
         self.settings = settings
         self.device = device
-        page = os.environ.get("VMKV_PAGE_BYTES")
-        self.vmm = open_vmm(kind, device.index or 0, page_size=parse_size(page) if page else 0)
+        self.vmm = open_backend(device)
         total = self.vmm.mem_info()[1]
         self.instance: Instance = join(
             self.vmm,

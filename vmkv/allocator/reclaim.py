@@ -83,6 +83,9 @@ class Reclaimer:
             cold += len(pages) * tier.allocator.space.physical_per_page
         return self.pool.stats().pooled + empty + cold
 
+    def owed(self) -> int:
+        return self.pool.stats().debt
+
     def reclaim(self, pages: int) -> int:
         """Release up to ``pages`` now; what cannot go now is owed by the pool and paid as
         soon as blocks are freed, so the instance does not reuse pages others wait for.

@@ -12,7 +12,10 @@ From the holder's side, a background thread sleeps on the instance's doorbell (a
 semaphore) and wakes at least every ``heartbeat_s`` to heartbeat, sweep dead instances,
 and serve what was asked of it through its :class:`Reclaimer`: pooled pages first, then
 empty mapped pages, then (with the spill tier) cold cached blocks. A lowered max is
-served the same way, so limits reach idle instances too.
+served the same way, so limits reach idle instances too. What cannot go at once is owed:
+the table keeps the request open until releases pay it, so nobody asks for the same
+pages twice, and while the instance owes, its thread wakes every ``DEBT_POLL_S`` to pay
+from blocks that have gone cold since (a finished request's cached prefix).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 
 UNLIMITED = (1 << 63) - 1
 POLL_S = 0.0002
+DEBT_POLL_S = 0.02
 
 
 def ring(segment: Segment, slot: int) -> None:
@@ -55,6 +59,10 @@ class Reclaimer(Protocol):
 
     def reclaimable(self) -> int:
         """Pages that could be given back without touching live data."""
+        ...
+
+    def owed(self) -> int:
+        """Pages promised back by earlier reclaims and not yet released."""
         ...
 
 
@@ -125,17 +133,24 @@ class Instance:
     # -- the holder's side -------------------------------------------------------------
 
     def _serve(self) -> None:
+        reclaimable, counted_at = 0, float("-inf")
         while not self._stop.is_set():
+            owed = self.reclaimer.owed() if self.reclaimer is not None else 0
             with contextlib.suppress(posix_ipc.BusyError):  # a timeout is the heartbeat tick
-                self._doorbell.acquire(self.heartbeat_s)
+                self._doorbell.acquire(DEBT_POLL_S if owed else self.heartbeat_s)
             if self._stop.is_set():
                 return
             try:
-                reclaimable = self.reclaimer.reclaimable() if self.reclaimer is not None else 0
-                asked = self.table.heartbeat(self.slot, self.generation, reclaimable)
-                if asked:
-                    released = self.reclaimer.reclaim(asked) if self.reclaimer is not None else 0
-                    self.table.finish_reclaim(self.slot, self.generation, asked, released)
+                if self.reclaimer is None:
+                    self.table.heartbeat(self.slot, self.generation, 0)
+                    continue
+                if time.monotonic() - counted_at >= DEBT_POLL_S:  # costs a walk of the cache
+                    reclaimable, counted_at = self.reclaimer.reclaimable(), time.monotonic()
+                owed = self.reclaimer.owed()
+                asked = self.table.heartbeat(self.slot, self.generation, reclaimable, owed)
+                if asked or owed:
+                    released = self.reclaimer.reclaim(asked)
+                    self.table.finish_reclaim(self.slot, self.generation, released)
             except Exception:  # the thread must survive; the error is logged and retried
                 log.exception("vmkv lease thread of %s", self.name)
                 time.sleep(self.heartbeat_s)

@@ -112,9 +112,10 @@ PYBIND11_MODULE(_table, m) {
       .def("report", &Table::report, py::arg("slot"), py::arg("generation"), py::arg("held"), py::arg("mapped"),
            release_gil())
       .def("heartbeat", &Table::heartbeat, py::arg("slot"), py::arg("generation"), py::arg("reclaimable"),
-           release_gil(), "Heartbeat, sweep the dead; returns the pages this instance is asked to give back.")
-      .def("finish_reclaim", &Table::finish_reclaim, py::arg("slot"), py::arg("generation"), py::arg("asked"),
-           py::arg("released"), release_gil())
+           py::arg("owed") = 0, release_gil(),
+           "Heartbeat, sweep the dead; returns the pages this instance is asked to give back beyond what it owes.")
+      .def("finish_reclaim", &Table::finish_reclaim, py::arg("slot"), py::arg("generation"), py::arg("released"),
+           release_gil())
       .def("set_limits", &Table::set_limits, py::arg("name"), py::arg("min_pages") = -1,
            py::arg("max_pages") = -1, py::arg("weight") = -1, release_gil(),
            "Change an instance's limits (-1 keeps a value); returns its slot.")

@@ -289,6 +289,17 @@ RequestResult Table::request(uint32_t slot, uint64_t generation, uint64_t pages,
   bool below_min = s.leased + pages <= s.min_pages;
   uint64_t need = pages - available;
   std::vector<uint32_t> victims;
+  // Pages others already promised and other waiters have not claimed are on their way
+  // (a requester asks again after a miss): ring their holders, ask nobody for them twice.
+  uint64_t promised = 0, claimed = 0;
+  for (uint32_t i = 0; i < kMaxSlots; ++i) {
+    const Slot& v = segment_->slots[i];
+    if (i == slot || v.state != kActive) continue;
+    promised += std::min(v.reclaim_request, v.leased);
+    claimed += v.awaiting;
+    if (v.reclaim_request > 0) victims.push_back(i);
+  }
+  need -= std::min(need, promised > claimed ? promised - claimed : 0);
   for (int tier = 0; tier < 3 && need > 0; ++tier) {
     if ((tier == 1 && !within_fair) || (tier == 2 && !below_min)) break;
     std::vector<std::pair<uint64_t, uint32_t>> offers;
@@ -355,6 +366,13 @@ void Table::release(uint32_t slot, uint64_t generation, uint64_t pages, uint64_t
   s.leased -= pages;
   s.held = held;
   s.mapped = mapped;
+  if (s.reclaim_request > 0) {  // what it gives back pays what it was asked for
+    s.reclaim_request -= std::min(pages, s.reclaim_request);
+    if (s.reclaim_request == 0) {
+      record(s.reclaim_latency, monotonic_ns() - s.reclaim_since_ns);
+      s.reclaim_since_ns = 0;
+    }
+  }
 }
 
 void Table::report(uint32_t slot, uint64_t generation, uint64_t held, uint64_t mapped) {
@@ -368,7 +386,7 @@ void Table::report(uint32_t slot, uint64_t generation, uint64_t held, uint64_t m
   s.mapped = mapped;
 }
 
-uint64_t Table::heartbeat(uint32_t slot, uint64_t generation, uint64_t reclaimable) {
+uint64_t Table::heartbeat(uint32_t slot, uint64_t generation, uint64_t reclaimable, uint64_t owed) {
   Guard guard(*this);
   sweep_locked();
   Slot& s = owned(slot, generation);
@@ -380,19 +398,17 @@ uint64_t Table::heartbeat(uint32_t slot, uint64_t generation, uint64_t reclaimab
     if (s.reclaim_request == 0) s.reclaim_since_ns = monotonic_ns();
     s.reclaim_request = over_max;
   }
-  return std::min(s.reclaim_request, s.leased);
+  uint64_t asked = std::min(s.reclaim_request, s.leased);
+  return asked - std::min(owed, asked);
 }
 
-void Table::finish_reclaim(uint32_t slot, uint64_t generation, uint64_t asked, uint64_t released) {
+void Table::finish_reclaim(uint32_t slot, uint64_t generation, uint64_t released) {
   Guard guard(*this);
   Slot& s = owned(slot, generation);
-  s.reclaim_request -= std::min(asked, s.reclaim_request);
   if (released > 0) {
     ++s.reclaims;
     s.reclaimed_pages += released;
-    record(s.reclaim_latency, monotonic_ns() - s.reclaim_since_ns);
   }
-  s.reclaim_since_ns = s.reclaim_request > 0 ? monotonic_ns() : 0;
 }
 
 int64_t Table::set_limits(const std::string& name, int64_t min_pages, int64_t max_pages, int64_t weight) {

@@ -19,7 +19,7 @@
 namespace vmkv::coord {
 
 constexpr uint64_t kMagic = 0x524f4f43564b4d56ULL;  // "VMKVCOOR" little-endian
-constexpr uint32_t kVersion = 1;
+constexpr uint32_t kVersion = 2;  // 2: releases pay reclaim requests down; heartbeats subtract debt
 constexpr uint32_t kMaxSlots = 64;
 constexpr size_t kNameBytes = 64;
 constexpr size_t kEngineBytes = 32;
@@ -55,7 +55,7 @@ struct Slot {
   uint64_t reclaimable;  // pages it could give back without touching live blocks
   uint64_t heartbeat_ns;
   uint64_t awaiting;          // pages it waits for after asking others: reserved for it as they free
-  uint64_t reclaim_request;   // pages others asked it to give back
+  uint64_t reclaim_request;   // pages others asked it to give back and it has not released yet
   uint64_t reclaim_since_ns;  // when the oldest pending request was made
   uint64_t grants;
   uint64_t misses;
@@ -131,10 +131,12 @@ class Table {
   void release(uint32_t slot, uint64_t generation, uint64_t pages, uint64_t held, uint64_t mapped);
   void report(uint32_t slot, uint64_t generation, uint64_t held, uint64_t mapped);
 
-  // The holder's side of reclaim: what is asked of it now (after a heartbeat), and the
-  // acknowledgement once it has released pages.
-  uint64_t heartbeat(uint32_t slot, uint64_t generation, uint64_t reclaimable);
-  void finish_reclaim(uint32_t slot, uint64_t generation, uint64_t asked, uint64_t released);
+  // The holder's side of reclaim. A heartbeat returns what is asked of the instance
+  // beyond what it already owes (``owed``: promised earlier, paid as its pages free);
+  // every release pays the request down, so an ask is never counted twice.
+  // finish_reclaim records what one round released.
+  uint64_t heartbeat(uint32_t slot, uint64_t generation, uint64_t reclaimable, uint64_t owed);
+  void finish_reclaim(uint32_t slot, uint64_t generation, uint64_t released);
 
   // Administration. set_limits returns the slot to ring when the change needs action.
   int64_t set_limits(const std::string& name, int64_t min_pages, int64_t max_pages, int64_t weight);

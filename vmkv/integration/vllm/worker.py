@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vmkv.allocator.kv_space import blocks_are_outermost
 from vmkv.allocator.tensors import tensor_at
-from vmkv.stack import KVStack, StackSettings
+from vmkv.stack import KVStack, StackSettings, capacity_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -211,10 +212,38 @@ def wrap_initialize_kv_cache(original: Callable[..., None]) -> Callable[..., Non
     return initialize_kv_cache
 
 
-def _settings() -> StackSettings:
+def wrap_worker_init(original: Callable[..., None]) -> Callable[..., None]:
+    """A worker's ``__init__`` that, when the user set no KV cache size, first sets it to
+    the instance's vmkv capacity (its max, or the coordinator's budget), as if given on
+    the command line: vLLM's profile of free memory would count the neighbours' elastic KV
+    caches as taken, differently at each start."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        bound = signature.bind(self, *args, **kwargs).arguments
+        config = bound["vllm_config"]
+        if not config.cache_config.kv_cache_memory_bytes:
+            from vllm.platforms import current_platform
+
+            device = torch_device(current_platform.device_type, bound.get("local_rank", 0))
+            config.cache_config.kv_cache_memory_bytes = capacity_bytes(device, _settings(config))
+        original(self, *args, **kwargs)
+
+    return __init__
+
+
+def torch_device(kind: str, index: int) -> torch.device:
+    import torch
+
+    return torch.device(kind) if kind == "cpu" else torch.device(kind, index)
+
+
+def _settings(config: Any = None) -> StackSettings:
+    """vmkv's settings for the instance of ``config`` (default: vLLM's current config)."""
     from vllm.config import get_current_vllm_config
 
-    config = get_current_vllm_config()
+    config = config or get_current_vllm_config()
     served = config.model_config.served_model_name
     name = served if isinstance(served, str) else (served[0] if served else config.model_config.model)
     return StackSettings.from_env("vllm", config.model_config.model, name)
