@@ -32,7 +32,7 @@ coloc)  # the run stays in /tmp/vmkv-coloc; $OUT gets what fits its 8-file limit
   run=/tmp/vmkv-coloc
   PYTHON=python3 INSTANCES=${INSTANCES:-2} BUDGET=${BUDGET:-1G} \
     SERVER_ARGS="--model /tmp/model --max-model-len 2048 ${SERVER_ARGS:-}" \
-    bash engine_integration/benchmark/run_colocation.sh "$run" --duration "${DURATION:-60}" --phase 15 \
+    bash engine_integration/benchmark/run_colocation.sh "$run" --duration "${DURATION:-60}" --phase "${PHASE:-15}" \
     --rate-on "${RATE_ON:-3.5}" --rate-off 0.5 --prompt-len 512 --output-len 256 --shared-prefix 128 \
     2>&1 | tee "$OUT/coloc.txt" | grep -v '^{"date'
   cp "$run/ttft_cdf.png" "$OUT/coloc-ttft_cdf.png"; cp "$run/vmkv/memory.png" "$OUT/coloc-memory.png"

@@ -242,7 +242,8 @@ def test_weights_are_respected_under_contention(segment):
 
 def test_a_busy_instance_is_asked_once_and_pays_as_its_blocks_free(segment):
     """Reclaim from an instance whose pages all hold live blocks leaves it owing; asking
-    again must not double the debt, and freeing blocks pays it to the one who asked."""
+    again must not double the debt, the debtor may not grow, and freeing blocks pays the
+    debt to the one who asked."""
     from vmkv.allocator import BlockAllocator, KVSpace, PagePool
     from vmkv.allocator.reclaim import Reclaimer
 
@@ -264,7 +265,12 @@ def test_a_busy_instance_is_asked_once_and_pays_as_its_blocks_free(segment):
                 time.sleep(0.005)
             row = next(r for r in segment.table.snapshot() if r["name"] == "busy")
             assert (row["reclaim_request"], pool.stats().debt) == (8, 8)
-        for blocks in live[-4:]:  # four KV pages of two physical pages each
+        for blocks in live[-2:]:  # two KV pages of two physical pages each: half the debt
+            allocator.free(blocks)
+        assert pool.stats().debt == 4
+        # The 4 pages paid are free budget, but they are the asker's: busy may not take them.
+        assert busy.headroom() == 0 and not busy.acquire(1)
+        for blocks in live[-4:-2]:
             allocator.free(blocks)
         assert pool.stats().debt == 0
         rows = {r["name"]: r for r in check_invariants(segment)}
@@ -273,6 +279,42 @@ def test_a_busy_instance_is_asked_once_and_pays_as_its_blocks_free(segment):
     finally:
         other.close()
         busy.close()
+
+
+def test_an_ask_beyond_what_an_instance_can_give_is_refused_not_owed(segment):
+    """A stale report of idle pages can get an instance asked for pages it cannot give
+    (here its null block's page). Owing them forever would stop it from ever growing."""
+    from vmkv.allocator import BlockAllocator, KVSpace, PagePool
+    from vmkv.allocator.reclaim import Reclaimer
+    from vmkv.coordinator import Outcome
+    from vmkv.coordinator.instance import ring
+
+    vmm = open_vmm("host", page_size=PAGE)
+    small = join(vmm, "small", segment=segment.name)
+    pool = PagePool(vmm, lease=small)
+    allocator = BlockAllocator(KVSpace(pool, [PAGE // 4, PAGE // 4], 1024))  # maps the null page
+    small.reclaimer = Reclaimer(pool, [allocator])
+    other = join(vmm, "other", segment=segment.name)
+    try:
+        assert other.acquire(BUDGET_PAGES - 2 - 2)  # 2 pages stay free; small holds 2
+        table = segment.table
+        table.heartbeat(small.slot, small.generation, 2)  # a stale report: 2 idle pages
+        outcome, victims = table.request(other.slot, other.generation, 3)
+        assert outcome == Outcome.RECLAIMING and victims == [small.slot]
+        ring(segment, small.slot)
+        deadline = time.monotonic() + 2
+        while _row(segment, "small")["reclaim_request"] and time.monotonic() < deadline:
+            time.sleep(0.005)
+        table.note_miss(other.slot, other.generation, 0)
+        assert _row(segment, "small")["reclaim_request"] == 0 and pool.stats().debt == 0
+        assert small.acquire(1)  # it may grow again
+    finally:
+        other.close()
+        small.close()
+
+
+def _row(segment: Segment, name: str) -> dict:
+    return next(r for r in segment.table.snapshot() if r["name"] == name)
 
 
 def test_min_is_guaranteed_by_reclaim(segment):

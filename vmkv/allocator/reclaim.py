@@ -86,6 +86,14 @@ class Reclaimer:
     def owed(self) -> int:
         return self.pool.stats().debt
 
+    def payable(self) -> int:
+        """Pages this instance could still promise: all it holds but what it owes already
+        and each allocator's null-block page, which is never released. A promise beyond it
+        could never be kept: the instance would owe forever, admitting nothing."""
+        stats = self.pool.stats()
+        pinned = sum(a.space.physical_per_page for a in self.allocators)
+        return max(0, stats.held - pinned - stats.debt)
+
     def reclaim(self, pages: int) -> int:
         """Release up to ``pages`` now; what cannot go now is owed by the pool and paid as
         soon as blocks are freed, so the instance does not reuse pages others wait for.

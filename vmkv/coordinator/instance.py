@@ -65,6 +65,10 @@ class Reclaimer(Protocol):
         """Pages promised back by earlier reclaims and not yet released."""
         ...
 
+    def payable(self) -> int:
+        """Pages it could still promise back (the rest of an ask is refused)."""
+        ...
+
 
 class Instance:
     """Registers an instance and implements the page pool's lease (``acquire``/``release``)."""
@@ -148,9 +152,12 @@ class Instance:
                     reclaimable, counted_at = self.reclaimer.reclaimable(), time.monotonic()
                 owed = self.reclaimer.owed()
                 asked = self.table.heartbeat(self.slot, self.generation, reclaimable, owed)
-                if asked or owed:
-                    released = self.reclaimer.reclaim(asked)
-                    self.table.finish_reclaim(self.slot, self.generation, released)
+                refused = asked - min(asked, self.reclaimer.payable())
+                if asked - refused or owed:
+                    released = self.reclaimer.reclaim(asked - refused)
+                    self.table.finish_reclaim(self.slot, self.generation, released, refused)
+                elif refused:
+                    self.table.finish_reclaim(self.slot, self.generation, 0, refused)
             except Exception:  # the thread must survive; the error is logged and retried
                 log.exception("vmkv lease thread of %s", self.name)
                 time.sleep(self.heartbeat_s)

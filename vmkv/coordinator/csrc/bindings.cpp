@@ -76,6 +76,7 @@ PYBIND11_MODULE(_table, m) {
       .value("MISS_MAX", Outcome::kMissMax)
       .value("MISS_FAIR", Outcome::kMissFair)
       .value("MISS_NO_VICTIM", Outcome::kMissNoVictim)
+      .value("MISS_OWING", Outcome::kMissOwing)
       .value("RECLAIMING", Outcome::kReclaiming);
 
   m.attr("SEGMENT_SIZE") = Table::segment_size();
@@ -115,7 +116,7 @@ PYBIND11_MODULE(_table, m) {
            py::arg("owed") = 0, release_gil(),
            "Heartbeat, sweep the dead; returns the pages this instance is asked to give back beyond what it owes.")
       .def("finish_reclaim", &Table::finish_reclaim, py::arg("slot"), py::arg("generation"), py::arg("released"),
-           release_gil())
+           py::arg("refused") = 0, release_gil())
       .def("set_limits", &Table::set_limits, py::arg("name"), py::arg("min_pages") = -1,
            py::arg("max_pages") = -1, py::arg("weight") = -1, release_gil(),
            "Change an instance's limits (-1 keeps a value); returns its slot.")

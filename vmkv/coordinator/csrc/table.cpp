@@ -273,6 +273,12 @@ RequestResult Table::request(uint32_t slot, uint64_t generation, uint64_t pages,
     ++s.misses;
     return {Outcome::kMissMax, {}};
   }
+  if (s.reclaim_request > 0) {
+    // It owes pages others wait for: taking free budget now would take it from them, and
+    // it would pay its debt only to lease the pages back. It grows again once it has paid.
+    ++s.misses;
+    return {Outcome::kMissOwing, {}};
+  }
   if (available_to(slot) < pages) sweep_locked();
   uint64_t available = available_to(slot);
   if (available >= pages) {
@@ -402,9 +408,13 @@ uint64_t Table::heartbeat(uint32_t slot, uint64_t generation, uint64_t reclaimab
   return asked - std::min(owed, asked);
 }
 
-void Table::finish_reclaim(uint32_t slot, uint64_t generation, uint64_t released) {
+void Table::finish_reclaim(uint32_t slot, uint64_t generation, uint64_t released, uint64_t refused) {
   Guard guard(*this);
   Slot& s = owned(slot, generation);
+  if (refused > 0 && s.reclaim_request > 0) {  // more than it could ever give back
+    s.reclaim_request -= std::min(refused, s.reclaim_request);
+    if (s.reclaim_request == 0) s.reclaim_since_ns = 0;
+  }
   if (released > 0) {
     ++s.reclaims;
     s.reclaimed_pages += released;
@@ -479,6 +489,7 @@ Header Table::header_copy() {
 uint64_t Table::headroom(uint32_t slot, uint64_t generation) {
   Guard guard(*this);
   const Slot& s = owned(slot, generation);
+  if (s.reclaim_request > 0) return 0;  // see request: no growth while it owes
   uint64_t below_max = s.max_pages > s.leased ? s.max_pages - s.leased : 0;
   return std::min(available_to(slot), below_max);
 }

@@ -90,7 +90,14 @@ using shm::process_alive;
 using shm::process_start_time;
 using shm::SegmentError;  // the segment failed validation (bad magic, foreign version, impossible values)
 
-enum class Outcome : int { kGranted = 0, kMissMax = 1, kMissFair = 2, kMissNoVictim = 3, kReclaiming = 4 };
+enum class Outcome : int {
+  kGranted = 0,
+  kMissMax = 1,
+  kMissFair = 2,
+  kMissNoVictim = 3,
+  kReclaiming = 4,
+  kMissOwing = 5,  // it owes pages others asked for: it may not grow until it has paid
+};
 
 struct RequestResult {
   Outcome outcome;
@@ -134,9 +141,10 @@ class Table {
   // The holder's side of reclaim. A heartbeat returns what is asked of the instance
   // beyond what it already owes (``owed``: promised earlier, paid as its pages free);
   // every release pays the request down, so an ask is never counted twice.
-  // finish_reclaim records what one round released.
+  // finish_reclaim records what one round released, and drops what the instance refused
+  // (it holds no more that it could give back).
   uint64_t heartbeat(uint32_t slot, uint64_t generation, uint64_t reclaimable, uint64_t owed);
-  void finish_reclaim(uint32_t slot, uint64_t generation, uint64_t released);
+  void finish_reclaim(uint32_t slot, uint64_t generation, uint64_t released, uint64_t refused);
 
   // Administration. set_limits returns the slot to ring when the change needs action.
   int64_t set_limits(const std::string& name, int64_t min_pages, int64_t max_pages, int64_t weight);
