@@ -198,7 +198,8 @@ def test_timeline_samples_each_instance_held_memory(segment, tmp_path):
     assert min(b for _, n, b in timeline.rows if n == "a") == 0  # sampled before it grew
     timeline.write_csv(tmp_path / "t.csv")
     lines = (tmp_path / "t.csv").read_text().splitlines()
-    assert lines[0] == "seconds,instance,held_bytes" and len(lines) == len(timeline.rows) + 1
+    assert lines[0].startswith("seconds,instance,held_bytes,leased_pages,reclaim_request_pages")
+    assert len(lines) == len(timeline.rows) + 1
     pytest.importorskip("matplotlib")
     assert timeline.plot(tmp_path / "t.png", 16 * PAGE, [("a", 0.0, end)]) == str(tmp_path / "t.png")
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

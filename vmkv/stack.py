@@ -159,11 +159,17 @@ class KVStack:
         unmapped = self.allocator.num_free_blocks() - self.allocator.num_free_mapped_blocks()
         page_ids = -(-min(blocks, unmapped) // self.allocator.blocks_per_page)
         if page_ids > 0:
-            pages = page_ids * self.space.physical_per_page
             self._prefetch = threading.Thread(
-                target=self.pool.reserve, args=(pages,), name="vmkv-prefetch", daemon=True
+                target=self._reserve_pages, args=(page_ids,), name="vmkv-prefetch", daemon=True
             )
             self._prefetch.start()
+
+    def _reserve_pages(self, page_ids: int) -> None:
+        """Lease KV pages one at a time: each is its own request to the coordinator, so a
+        shortfall larger than the fair share still gets the part within it."""
+        for _ in range(page_ids):
+            if not self.pool.reserve(self.space.physical_per_page):
+                return
 
     def attach_cache(
         self, cache: ColdCache, tensors: Sequence[torch.Tensor], namespace: Namespace, block_dim: int = 0

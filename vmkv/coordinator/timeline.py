@@ -11,14 +11,19 @@ from pathlib import Path
 
 from vmkv.coordinator.segment import Segment
 
+# The lease state sampled with each row, for telling why memory did or did not move.
+LEASE_COLUMNS = ("leased", "reclaim_request", "reclaimable", "awaiting", "misses")
+
 
 class Timeline:
-    """Samples (seconds since start, instance name, held bytes) every ``period_s``."""
+    """Samples (seconds since start, instance name, held bytes) every ``period_s``, and
+    with each row the instance's lease state (LEASE_COLUMNS, in pages) for the CSV."""
 
     def __init__(self, segment: str, period_s: float = 0.2) -> None:
         self.segment = Segment.attach(segment)
         self.period_s = period_s
         self.rows: list[tuple[float, str, int]] = []
+        self.lease_rows: list[tuple[int, ...]] = []  # one per row of ``rows``
         self.start = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -33,6 +38,7 @@ class Timeline:
             now = self.now()
             for row in self.segment.table.snapshot():
                 self.rows.append((now, row["name"], row["held"] * page))
+                self.lease_rows.append(tuple(row[column] for column in LEASE_COLUMNS))
 
     def peak(self, name: str, since: float, until: float) -> int:
         """The most ``name`` held between two sample times (0 if never sampled)."""
@@ -40,7 +46,9 @@ class Timeline:
 
     def write_csv(self, path: Path) -> None:
         with path.open("w", newline="") as f:
-            csv.writer(f).writerows([("seconds", "instance", "held_bytes"), *self.rows])
+            header = ("seconds", "instance", "held_bytes", *(f"{c}_pages" for c in LEASE_COLUMNS))
+            rows = [(*row, *lease) for row, lease in zip(self.rows, self.lease_rows, strict=True)]
+            csv.writer(f).writerows([header, *rows])
 
     def plot(self, path: Path, budget_bytes: int, busy: Sequence[tuple[str, float, float]] = ()) -> str:
         """Held memory per instance over time as a PNG, with the shared budget, a static
