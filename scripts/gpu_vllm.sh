@@ -36,6 +36,7 @@ coloc)  # the run stays in /tmp/vmkv-coloc; $OUT gets what fits its 8-file limit
     --rate-on "${RATE_ON:-3.5}" --rate-off 0.5 --prompt-len 512 --output-len 256 --shared-prefix 128 \
     2>&1 | tee "$OUT/coloc.txt" | grep -v '^{"date'
   cp "$run/ttft_cdf.png" "$OUT/coloc-ttft_cdf.png"; cp "$run/vmkv/memory.png" "$OUT/coloc-memory.png"
-  cp "$run/static/summary.json" "$OUT/coloc-static.json"; cp "$run/vmkv/summary.json" "$OUT/coloc-vmkv.json" ;;
+  cp "$run/static/summary.json" "$OUT/coloc-static.json"; cp "$run/vmkv/summary.json" "$OUT/coloc-vmkv.json"
+  cp "$run/vmkv/memory.csv" "$OUT/coloc-memory.csv" ;;
 *) echo "usage: gpu_vllm.sh tests|bench|coloc"; exit 2 ;;
 esac
