@@ -119,6 +119,10 @@ class BlockAllocator:
     def is_allocated(self, block: int) -> bool:
         return 0 <= block < self.num_blocks and bool(self._allocated[block])
 
+    def live_blocks(self, page: int) -> int:
+        """Allocated blocks on mapped KV page ``page``."""
+        return len(self.page_blocks(page)) - len(self._free_slots.get(page, ()))
+
     def pages_only_holding(self, blocks: Iterable[int]) -> dict[int, list[int]]:
         """Mapped pages whose every allocated block is in ``blocks``: freeing those blocks
         empties them. Maps each such page to its blocks."""

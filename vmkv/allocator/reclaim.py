@@ -108,6 +108,10 @@ class Reclaimer:
             if (debt := self.pool.stats().debt) == 0:
                 break
             self._spill_cold_pages(tier, -(-debt // tier.allocator.space.physical_per_page))
+        for tier in self.cold:
+            if (debt := self.pool.stats().debt) == 0:
+                break
+            self._clear_cold_blocks(tier, -(-debt // tier.allocator.space.physical_per_page))
         if self.pool.stats().debt:
             for notify in self.on_debt:
                 notify()
@@ -118,24 +122,45 @@ class Reclaimer:
         with allocator.lock:
             cold = tier.cache.cold_blocks()
             coldness = {block: rank for rank, (block, _) in enumerate(cold)}
-            hashes = dict(cold)
             candidates = allocator.pages_only_holding(coldness)
             # A page is as warm as its warmest block: release the coldest pages first.
             victims = sorted(candidates, key=lambda page: max(coldness[b] for b in candidates[page]))[
                 :kv_pages
             ]
-            blocks = [block for page in victims for block in candidates[page]]
-            if not blocks:
-                return
-            keyed = [b for b in blocks if hashes[b] is not None] if tier.spill is not None else []
-            if keyed:
-                try:
-                    tier.spill.store([hashes[b] for b in keyed], keyed).wait()
-                    self.spilled_blocks += len(keyed)
-                except RuntimeError as error:  # a full tier: the blocks are dropped, as without spill
-                    log.warning("spilling %d cold blocks failed (%s); dropping them", len(keyed), error)
-                    keyed = []
-            self.dropped_blocks += len(blocks) - len(keyed)
-            tier.cache.evict(blocks)
-            allocator.free(blocks)
+            self._spill(tier, [block for page in victims for block in candidates[page]], dict(cold))
             allocator.trim(len(victims))
+
+    def _clear_cold_blocks(self, tier: ColdTier, kv_pages: int) -> None:
+        """Spill the cold blocks of the ``kv_pages`` pages with the fewest live ones.
+
+        Their pages still hold blocks of running requests, so they cannot go yet; but with
+        their cached blocks freed, the allocator's best fit (fullest page first) leaves
+        them for last, and they empty as those requests finish. Without this, running
+        requests keep reusing cached blocks all over the instance's pages, and no page
+        ever empties to pay the debt."""
+        allocator = tier.allocator
+        with allocator.lock:
+            cold = tier.cache.cold_blocks()
+            by_page: dict[int, list[int]] = {}
+            for block, _ in cold:
+                by_page.setdefault(block // allocator.blocks_per_page, []).append(block)
+            live = {page: allocator.live_blocks(page) - len(blocks) for page, blocks in by_page.items()}
+            victims = sorted(by_page, key=lambda page: live[page])[:kv_pages]
+            self._spill(tier, [block for page in victims for block in by_page[page]], dict(cold))
+
+    def _spill(self, tier: ColdTier, blocks: list[int], hashes: dict[int, BlockHash | None]) -> None:
+        """Copy ``blocks`` (cold, with their ``hashes``) to the spill tier, then drop them
+        from the engine's cache and free them. Called with the allocator's lock held."""
+        if not blocks:
+            return
+        keyed = [b for b in blocks if hashes[b] is not None] if tier.spill is not None else []
+        if keyed:
+            try:
+                tier.spill.store([hashes[b] for b in keyed], keyed).wait()
+                self.spilled_blocks += len(keyed)
+            except RuntimeError as error:  # a full tier: the blocks are dropped, as without spill
+                log.warning("spilling %d cold blocks failed (%s); dropping them", len(keyed), error)
+                keyed = []
+        self.dropped_blocks += len(blocks) - len(keyed)
+        tier.cache.evict(blocks)
+        tier.allocator.free(blocks)

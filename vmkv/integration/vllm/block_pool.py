@@ -12,10 +12,11 @@ things:
 New blocks come from the allocator first (page-aware, leased), and from evicting cached
 blocks (vLLM's own LRU) only when the lease cannot grow. The free count is what can
 really be had now: empty blocks on mapped pages, cached free blocks, and what the
-coordinator would grant from free budget. For a request being admitted (not one already
-running) it also leaves out what the instance owes others, so that it admits less and
-its pages empty as running requests finish; running requests keep growing, since
-preempting them would only recompute their tokens later. When a request does not fit, the pool leases what
+coordinator would grant from free budget. While the instance owes others pages, it is 0
+for a request being admitted (not for one already running): a freed block reused by a
+new request keeps its page from emptying, and the instance would pay only once its whole
+queue drained. Running requests keep growing, since preempting them would only
+recompute their tokens later. When a request does not fit, the pool leases what
 it lacks in the background (``on_shortfall``), taking other instances' idle pages, so
 the request fits a step later. When another instance needs memory, reclaim takes whole
 pages of cold cached blocks, spilling them to the host tier first.
@@ -67,7 +68,7 @@ class VmkvBlockPool(BlockPool):
         # them later in the same step, so reclaim (on another thread) must leave them.
         self._step_hits: set[int] = set()
         self._scheduling = False
-        # False while allocate_slots serves a running request: it is not cut by the debt.
+        # False while allocate_slots serves a running request: the debt does not stop it.
         self._admitting = True
         self.reloaded_blocks = 0
         super().__init__(num_gpu_blocks, enable_caching, hash_block_size, *args, **kwargs)
@@ -94,8 +95,9 @@ class VmkvBlockPool(BlockPool):
             return self.num_gpu_blocks - 1 - self._num_referenced()
         with self._lock:
             mapped = self._allocator.num_free_mapped_blocks() + self.free_block_queue.num_free_blocks
-        owed = self._stack.owed_blocks() if self._admitting else 0
-        return max(0, mapped + self._stack.grantable_blocks() - owed)
+        if self._admitting and self._stack.owed_blocks():
+            return 0
+        return mapped + self._stack.grantable_blocks()
 
     def get_usage(self) -> float:
         return self._num_referenced() / max(1, self.num_gpu_blocks - 1)
