@@ -108,45 +108,32 @@ class Reclaimer:
             if (debt := self.pool.stats().debt) == 0:
                 break
             self._spill_cold_pages(tier, -(-debt // tier.allocator.space.physical_per_page))
-        for tier in self.cold:
-            if (debt := self.pool.stats().debt) == 0:
-                break
-            self._clear_cold_blocks(tier, -(-debt // tier.allocator.space.physical_per_page))
         if self.pool.stats().debt:
             for notify in self.on_debt:
                 notify()
         return owed_before + pages - self.pool.stats().debt
 
     def _spill_cold_pages(self, tier: ColdTier, kv_pages: int) -> None:
-        allocator = tier.allocator
-        with allocator.lock:
-            cold = tier.cache.cold_blocks()
-            coldness = {block: rank for rank, (block, _) in enumerate(cold)}
-            candidates = allocator.pages_only_holding(coldness)
-            # A page is as warm as its warmest block: release the coldest pages first.
-            victims = sorted(candidates, key=lambda page: max(coldness[b] for b in candidates[page]))[
-                :kv_pages
-            ]
-            self._spill(tier, [block for page in victims for block in candidates[page]], dict(cold))
-            allocator.trim(len(victims))
-
-    def _clear_cold_blocks(self, tier: ColdTier, kv_pages: int) -> None:
-        """Spill the cold blocks of the ``kv_pages`` pages with the fewest live ones.
-
-        Their pages still hold blocks of running requests, so they cannot go yet; but with
-        their cached blocks freed, the allocator's best fit (fullest page first) leaves
-        them for last, and they empty as those requests finish. Without this, running
-        requests keep reusing cached blocks all over the instance's pages, and no page
-        ever empties to pay the debt."""
+        """Spill the cold blocks of ``kv_pages`` pages: first pages holding only cold blocks,
+        coldest first (their pages go back at once), then the pages with the fewest live
+        blocks. Those still hold blocks of running requests and cannot go yet; but with
+        their cached blocks freed, the allocator's best fit (fullest page first) leaves them
+        for last, and they empty as those requests finish. Without this, running requests
+        keep reusing cached blocks all over the instance's pages, and no page ever empties
+        to pay the debt."""
         allocator = tier.allocator
         with allocator.lock:
             cold = tier.cache.cold_blocks()
             by_page: dict[int, list[int]] = {}
-            for block, _ in cold:
-                by_page.setdefault(block // allocator.blocks_per_page, []).append(block)
+            warmest: dict[int, int] = {}  # a page is as warm as its warmest cold block
+            for rank, (block, _) in enumerate(cold):
+                page = block // allocator.blocks_per_page
+                by_page.setdefault(page, []).append(block)
+                warmest[page] = rank
             live = {page: allocator.live_blocks(page) - len(blocks) for page, blocks in by_page.items()}
-            victims = sorted(by_page, key=lambda page: live[page])[:kv_pages]
+            victims = sorted(by_page, key=lambda page: (live[page], warmest[page]))[:kv_pages]
             self._spill(tier, [block for page in victims for block in by_page[page]], dict(cold))
+            allocator.trim(sum(1 for page in victims if live[page] == 0))
 
     def _spill(self, tier: ColdTier, blocks: list[int], hashes: dict[int, BlockHash | None]) -> None:
         """Copy ``blocks`` (cold, with their ``hashes``) to the spill tier, then drop them
