@@ -3,6 +3,7 @@
 # installed into /tmp/site (see README, GPU runs). Logs and JSON go to $OUT.
 #   bash scripts/gpu_vllm.sh tests   the GPU vLLM tests (tiny model, vanilla vs vmkv)
 #   bash scripts/gpu_vllm.sh bench   throughput on vmkv / vanilla, 886M model in /tmp/model
+#                                    (BENCH_ARGS=--cuda-graphs: vLLM's default, not eager)
 #   bash scripts/gpu_vllm.sh coloc   the co-location benchmark, static split vs vmkv, 886M model
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +27,7 @@ tests)
 bench)
   [ -f /tmp/model/config.json ] || bash /tmp/gpu-vllm/device.sh model /tmp/model > "$OUT/model.log" 2>&1
   (cd benchmarks && python3 bench_vllm_overhead.py /tmp/model --kv-bytes $((4 << 30)) --prompts 256 \
-     --max-tokens 128 --rounds "${ROUNDS:-3}" --repeats 3 --json) 2>&1 | tee "$OUT/bench_vllm_overhead_gpu.txt" | tail -6 ;;
+     --max-tokens 128 --rounds "${ROUNDS:-3}" --repeats 3 ${BENCH_ARGS:-} --json) 2>&1 | tee "$OUT/bench_vllm_overhead_gpu.txt" | tail -6 ;;
 coloc)  # the run stays in /tmp/vmkv-coloc; $OUT gets what fits its 8-file limit
   [ -f /tmp/model/config.json ] || bash /tmp/gpu-vllm/device.sh model /tmp/model > "$OUT/model.log" 2>&1
   run=/tmp/vmkv-coloc
