@@ -204,6 +204,35 @@ def test_alloc_up_to_takes_what_mapped_pages_hold_when_no_page_can_be_mapped():
         vmm.close()
 
 
+def test_take_pages_maps_the_pages_named_and_gives_them_back():
+    vmm, space, allocator = make_allocator(capacity_pages=6)  # room for 3 KV pages
+    try:
+        assert allocator.take_pages([2, 1])
+        assert all(allocator.is_allocated(b) for b in range(4, 12)) and space.mapped_pages == 3
+        before = allocator.stats()
+        for bad, message in [
+            ([0], "out of range"),
+            ([10], "out of range"),
+            ([1], "already mapped"),
+            (["3"], "not an integer"),
+        ]:
+            with pytest.raises(ValueError, match=message):
+                allocator.take_pages(bad)
+        assert not allocator.take_pages([3])  # no memory left: a miss, nothing changed
+        after = allocator.stats()
+        assert (after.mapped_pages, after.used_blocks, after.misses) == (
+            3,
+            before.used_blocks,
+            before.misses + 1,
+        )
+        assert allocator.alloc(3) == [1, 2, 3]  # the null block's page, then nothing else was free
+        allocator.free_pages([1, 2])
+        assert space.mapped_pages == 1
+        assert sorted(allocator.alloc(4)) == [4, 5, 6, 7]  # page 1 is mapped again from the heap
+    finally:
+        vmm.close()
+
+
 def test_blocks_are_outermost_tells_page_mappable_layouts():
     raw = torch.zeros(8 * 4 * 16 * 32, dtype=torch.bfloat16)  # 8 blocks
     # FlashAttention 3 on vLLM 0.26: logical (B, H, N, 2D), stored as (B, N, H, 2D)

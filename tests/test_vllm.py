@@ -107,6 +107,60 @@ def test_unsupported_version_is_refused_before_any_change(monkeypatch):
     assert kv_cache_coordinator.BlockPool is BlockPool
 
 
+def test_the_v2_warmup_gets_the_pages_of_the_blocks_it_names_and_gives_them_back(monkeypatch, segment):
+    """vLLM 0.26's V2 warmup (GPU only) hands the model runner made-up requests on blocks
+    1, 2, ... that no scheduler allocated; here a stand-in warmup does the same with
+    vLLM's field names, on a real host KV space, and writes every block it names."""
+    from types import SimpleNamespace
+
+    from vmkv.integration.vllm import worker
+    from vmkv.stack import KVStack, StackSettings
+
+    monkeypatch.setenv("VMKV_SEGMENT", segment)
+    settings = StackSettings("warm", "vllm", "tiny", max_size="12M", spill=False)
+    stack = KVStack(torch.device("cpu"), [32 << 10] * 2, 512, settings)  # 2 MiB pages: 64 blocks each
+    try:
+        views = [stack.space.tensor(i, torch.int8, (512, 32 << 10)) for i in range(2)]
+        monkeypatch.setattr(worker, "_worker", worker.WorkerKV(stack, views, "float32"))
+        bpp = stack.allocator.blocks_per_page
+
+        def steps(*outputs):
+            def warmup(model_runner, execute_model, sample_tokens):
+                for output in outputs:
+                    execute_model(output)
+
+            return warmup
+
+        def new(*block_ids):
+            return SimpleNamespace(scheduled_new_reqs=[SimpleNamespace(block_ids=(list(block_ids),))],
+                                   scheduled_cached_reqs=SimpleNamespace(new_block_ids=[]))  # fmt: skip
+
+        def decode(*block_ids):
+            cached = SimpleNamespace(new_block_ids=[None, *[([b],) for b in block_ids]])
+            return SimpleNamespace(scheduled_new_reqs=[], scheduled_cached_reqs=cached)
+
+        written: list[int] = []
+
+        def execute(output):
+            for block in sorted(worker._named_blocks(output)):
+                for view in views:
+                    view[block].fill_(7)  # an unmapped page would fault here
+                written.append(block)
+
+        allocator, spares = stack.allocator, stack.allocator.keep_free_pages
+        free = allocator.num_free_blocks()
+        worker.wrap_warmup_kernels(steps(new(1, 2, bpp + 1), decode(2 * bpp)))(None, execute, None)
+        assert written == [1, 2, bpp + 1, 2 * bpp]
+        assert allocator.num_free_blocks() == free and allocator.stats().mapped_pages <= 1 + spares
+
+        # 12M holds 3 KV pages: the null block's page and two more; a fourth is a clear error
+        with pytest.raises(RuntimeError, match="could not map the 1 KV pages vLLM's warmup writes"):
+            worker.wrap_warmup_kernels(steps(new(bpp, 2 * bpp), decode(3 * bpp)))(None, execute, None)
+        assert allocator.num_free_blocks() == free and allocator.stats().mapped_pages <= 1 + spares
+    finally:
+        stack.close()
+
+
 @cpu_engine
 def test_offline_greedy_outputs_are_identical_with_vmkv(tiny_model, segment):
     vanilla = run_vllm(tiny_model, "basic", engine_env(False))

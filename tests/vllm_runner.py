@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--dtype", default="float32", help="bfloat16 on a GPU (FlashAttention)")
     parser.add_argument("--kv-events", action="store_true", help="count vLLM's KV cache events")
+    parser.add_argument("--cuda-graphs", action="store_true", help="vLLM's default compile and CUDA graphs")
     args = parser.parse_args()
     from vllm import LLM, SamplingParams
     from vllm.config import KVEventsConfig
@@ -132,7 +133,7 @@ def main() -> None:
         model=args.model,
         dtype=args.dtype,
         max_model_len=512,
-        enforce_eager=True,
+        enforce_eager=not args.cuda_graphs,
         block_size=32,
         kv_cache_memory_bytes=args.kv_bytes or None,
         distributed_executor_backend="uni",

@@ -118,32 +118,36 @@ class KVStack:
         self.reclaimer = Reclaimer(self.pool, [self.allocator])
         self.instance.reclaimer = self.reclaimer
         self.spill: SpillStore | None = None
-        self._headroom, self._headroom_at, self._headroom_lease = 0, float("-inf"), (0, 0)
+        self._grantable, self._grantable_at, self._grantable_changes = 0, float("-inf"), -1
         self._prefetch: threading.Thread | None = None
 
     def grantable_blocks(self) -> int:
         """Blocks this instance could map now without waiting for anyone: its pooled
-        pages plus the free budget the coordinator would grant. The coordinator's answer
-        is reused for GRANTABLE_TTL_S (a scheduler asks many times per step), but never
-        once this instance's own lease has changed: a count that still included budget
-        it has just taken would promise the engine blocks that no one can give."""
-        now, stats = time.monotonic(), self.pool.stats()
-        lease = (stats.in_use, stats.pooled)
-        if now - self._headroom_at > GRANTABLE_TTL_S or lease != self._headroom_lease:
-            self._headroom, self._headroom_at, self._headroom_lease = self.instance.headroom(), now, lease
-        pages = stats.pooled + self._headroom
-        grantable = pages // self.space.physical_per_page * self.allocator.blocks_per_page
-        unmapped = self.allocator.num_free_blocks() - self.allocator.num_free_mapped_blocks()
-        return min(grantable, unmapped)
+        pages plus the free budget the coordinator would grant.
+
+        A scheduler asks for every request of every step, so this must cost about what
+        vLLM's own free count costs: the answer is computed once and reused until this
+        instance's pages change (mapping included) (a count that still included budget it has just
+        taken would promise blocks no one can give) or GRANTABLE_TTL_S passes (the
+        coordinator's free budget moves with the other instances)."""
+        changes, now = self.pool.changes, time.monotonic()
+        if changes != self._grantable_changes or now - self._grantable_at > GRANTABLE_TTL_S:
+            pages = self.pool.pooled + self.instance.headroom()
+            grantable = pages // self.space.physical_per_page * self.allocator.blocks_per_page
+            self._grantable = min(grantable, self.allocator.num_unmapped_blocks())
+            self._grantable_changes, self._grantable_at = changes, now
+        return self._grantable
+
+    def owes(self) -> bool:
+        """Whether reclaim asked this instance for more pages than it had idle. The
+        engine then admits no new work, so that its pages empty as running requests
+        finish and pay the debt. Without this a loaded engine refills every freed block
+        from its own queue, and the instance that asked waits until the queue drains."""
+        return self.pool.debt > 0
 
     def owed_blocks(self) -> int:
-        """Blocks' worth of pages this instance owes others (reclaim asked for more than
-        its idle pages): the engine must not count them as free, so that it admits
-        fewer requests and its pages empty as running ones finish, paying the debt.
-        Without this a loaded engine refills every freed block from its own queue and
-        the instance that asked waits until the queue drains."""
-        debt = self.pool.stats().debt
-        return -(-debt // self.space.physical_per_page) * self.allocator.blocks_per_page
+        """Blocks' worth of the pages this instance owes others."""
+        return -(-self.pool.debt // self.space.physical_per_page) * self.allocator.blocks_per_page
 
     def prefetch(self, blocks: int) -> None:
         """Lease pages for ``blocks`` blocks beyond those free now, in the background, so

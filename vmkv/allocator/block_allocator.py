@@ -108,6 +108,10 @@ class BlockAllocator:
         """Blocks this allocator could still hand out if physical memory allows."""
         return self._free_mapped + self._unmapped_blocks
 
+    def num_unmapped_blocks(self) -> int:
+        """Blocks on pages not mapped: handed out only after mapping their pages."""
+        return self._unmapped_blocks
+
     def num_free_mapped_blocks(self) -> int:
         """Free blocks on mapped pages: handed out without mapping anything."""
         return self._free_mapped
@@ -230,14 +234,42 @@ class BlockAllocator:
                 self._misses += 1
                 return None
             pages = reuse + mapped
-            for page in pages:
-                held = self.page_blocks(page)
-                self._move(page, len(self._free_slots[page]), 0)
-                self._free_slots[page] = []
-                self._allocated[held.start : held.stop] = b"\x01" * len(held)
-                self._free_mapped -= len(held)
-                self._used += len(held)
+            self._take_whole(pages)
             return pages
+
+    def take_pages(self, pages: Iterable[int]) -> bool:
+        """Map these unmapped KV pages and take all their blocks, for a caller that must
+        use fixed block ids (vLLM's V2 warmup writes blocks 1, 2, ... without asking a
+        scheduler). False, a miss with nothing changed, when their memory cannot be had.
+        Give them back with :meth:`free_pages`."""
+        wanted = set(pages)
+        pages = sorted(wanted)
+        with self.lock:
+            for page in pages:
+                if isinstance(page, bool) or not isinstance(page, int):
+                    raise ValueError(f"KV page {page!r} is not an integer")
+                if not 0 < page < self.space.num_pages:
+                    raise ValueError(f"KV page {page} out of range [1, {self.space.num_pages})")
+                if self.space.is_mapped(page):
+                    raise ValueError(f"KV page {page} is already mapped")
+            if not pages:
+                return True
+            if not self._map(pages):
+                self._misses += 1
+                return False
+            self._unmapped = [page for page in self._unmapped if page not in wanted]
+            heapq.heapify(self._unmapped)
+            self._take_whole(pages)
+            return True
+
+    def _take_whole(self, pages: list[int]) -> None:
+        for page in pages:
+            held = self.page_blocks(page)
+            self._move(page, len(self._free_slots[page]), 0)
+            self._free_slots[page] = []
+            self._allocated[held.start : held.stop] = b"\x01" * len(held)
+            self._free_mapped -= len(held)
+            self._used += len(held)
 
     def _empty_pages(self) -> list[int]:
         """Mapped pages without a live block, lowest first, the short last page included."""
@@ -306,12 +338,18 @@ class BlockAllocator:
         raise AssertionError("no mapped page has a free block")
 
     def _map_new_pages(self, count: int) -> list[int] | None:
-        """The pages mapped, lowest first, or None with nothing changed."""
+        """The lowest unmapped pages, mapped, or None with nothing changed."""
         pages = [heapq.heappop(self._unmapped) for _ in range(count)]
-        if not self.space.map_pages(pages):
+        if not self._map(pages):
             for page in pages:
                 heapq.heappush(self._unmapped, page)
             return None
+        return pages
+
+    def _map(self, pages: list[int]) -> bool:
+        """Map ``pages`` (already off the unmapped heap) with all their blocks free."""
+        if not self.space.map_pages(pages):
+            return False
         bpp = self.blocks_per_page
         for page in pages:
             end = min((page + 1) * bpp, self.num_blocks)
@@ -319,7 +357,7 @@ class BlockAllocator:
             self._pages_by_free[end - page * bpp].add(page)
             self._free_mapped += end - page * bpp
             self._unmapped_blocks -= end - page * bpp
-        return pages
+        return True
 
     def _release_empty_pages(self, keep: int) -> int:
         empty = self._empty_pages()

@@ -63,10 +63,26 @@ class PagePool:
         self._created = 0
         self._misses = 0
         self._debt = 0
+        # Bumped (under the lock) whenever the pages held, in use or owed change, mapping
+        # and unmapping included: readers cache what they derive from the pool until it
+        # moves. A plain attribute, as it is read for every request of every engine step.
+        self.changes = 0
 
     @property
     def page_size(self) -> int:
         return self.vmm.page_size
+
+    # Lock-free reads for an engine's hot path: each is one read of an int or a list's
+    # length, never torn, only possibly a moment old.
+    @property
+    def debt(self) -> int:
+        """Pages promised back and not yet paid."""
+        return self._debt
+
+    @property
+    def pooled(self) -> int:
+        """Pages held but not in use."""
+        return len(self._pooled)
 
     def acquire(self, count: int) -> list[int] | None:
         """Take ``count`` pages, creating (and leasing) what the pool lacks. All or nothing."""
@@ -181,6 +197,7 @@ class PagePool:
     def _report(self) -> None:
         """Tell the lease what is held. Called under the pool lock, so reports and lease
         releases reach the coordinator in the order they happened."""
+        self.changes += 1
         if self.lease is not None:
             self.lease.report(len(self._pooled) + len(self._in_use), len(self._in_use))
 

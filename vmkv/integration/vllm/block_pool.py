@@ -69,7 +69,7 @@ class VmkvBlockPool(BlockPool):
         self._step_hits: set[int] = set()
         self._scheduling = False
         # False while allocate_slots serves a running request: the debt does not stop it.
-        self._admitting = True
+        self.admitting = True
         self.reloaded_blocks = 0
         super().__init__(num_gpu_blocks, enable_caching, hash_block_size, *args, **kwargs)
         self._lock = self._allocator.lock
@@ -91,13 +91,19 @@ class VmkvBlockPool(BlockPool):
     # -- counts --------------------------------------------------------------------------
 
     def get_num_free_blocks(self) -> int:
+        """vLLM asks this for every request of every step, so it reads counters without
+        the lock: reclaim on the coordinator's thread may move a block between the two
+        counts in between, and the answer is then off by a few blocks for one step, which
+        get_new_blocks absorbs (it asks the coordinator again)."""
         if self._counting_everything:  # inside reset_prefix_cache: vLLM's own accounting
             return self.num_gpu_blocks - 1 - self._num_referenced()
-        with self._lock:
-            mapped = self._allocator.num_free_mapped_blocks() + self.free_block_queue.num_free_blocks
-        if self._admitting and self._stack.owed_blocks():
+        if self.admitting and self._stack.owes():
             return 0
-        return mapped + self._stack.grantable_blocks()
+        return (
+            self._allocator.num_free_mapped_blocks()
+            + self.free_block_queue.num_free_blocks
+            + self._stack.grantable_blocks()
+        )
 
     def get_usage(self) -> float:
         return self._num_referenced() / max(1, self.num_gpu_blocks - 1)
@@ -105,15 +111,6 @@ class VmkvBlockPool(BlockPool):
     def _num_referenced(self) -> int:
         with self._lock:
             return self._allocator.stats().used_blocks - self.free_block_queue.num_free_blocks
-
-    @contextlib.contextmanager
-    def counting_for(self, admitting: bool) -> Iterator[None]:
-        """Free counts inside are for a request being admitted, or for a running one."""
-        self._admitting = admitting
-        try:
-            yield
-        finally:
-            self._admitting = True
 
     def on_shortfall(self, tokens: int) -> None:
         """A request of ``tokens`` more tokens did not fit: lease the blocks it lacks for
@@ -273,15 +270,21 @@ def wrap_allocate_slots(original: Callable[..., Any]) -> Callable[..., Any]:
     running (its free count then ignores the debt) and when a request did not fit."""
     from vllm.v1.request import RequestStatus
 
+    running = RequestStatus.RUNNING
+
     @functools.wraps(original)
     def allocate_slots(self: Any, request: Any, num_new_tokens: int, *args: Any, **kwargs: Any) -> Any:
-        if not isinstance(self.block_pool, VmkvBlockPool):
+        pool = self.block_pool
+        if not isinstance(pool, VmkvBlockPool):
             return original(self, request, num_new_tokens, *args, **kwargs)
-        with self.block_pool.counting_for(admitting=request.status != RequestStatus.RUNNING):
+        pool.admitting = request.status is not running
+        try:
             blocks = original(self, request, num_new_tokens, *args, **kwargs)
+        finally:
+            pool.admitting = True
         if blocks is None:
             remaining = max(num_new_tokens, request.num_tokens - request.num_computed_tokens)
-            self.block_pool.on_shortfall(remaining + kwargs.get("num_lookahead_tokens", 0))
+            pool.on_shortfall(remaining + kwargs.get("num_lookahead_tokens", 0))
         return blocks
 
     return allocate_slots

@@ -8,9 +8,10 @@ names, all looked up by attribute, never by reading source:
   instance's vmkv capacity, not to a profile of free memory;
 * the worker's KV allocation, so its KV tensors come from a vmkv KV space:
   ``gpu_model_runner.allocate_kv_cache`` on 0.32; on 0.26 the V1 runner's
-  ``_allocate_kv_cache_tensors`` (the V2 runner's ``attn_utils._allocate_kv_cache``
-  refuses with a clear error; vmkv selects the V1 runner unless told otherwise), and
-  ``GPUModelRunner.initialize_kv_cache`` is wrapped to leave profiling caches vanilla;
+  ``_allocate_kv_cache_tensors`` and the V2 runner's ``attn_utils._allocate_kv_cache``,
+  with ``GPUModelRunner.initialize_kv_cache`` wrapped to leave the V1 runner's
+  profiling caches vanilla, and the V2 runner's ``warmup_kernels`` wrapped to map the
+  blocks its made-up requests write;
 * ``kv_cache_coordinator.BlockPool``: the scheduler's pool becomes elastic, and
   ``KVCacheManager.allocate_slots`` is wrapped to tell it when a request did not fit,
   and ``Scheduler.schedule`` to keep reclaim off the blocks a step has looked up.
@@ -31,9 +32,6 @@ from vmkv.integration.versions import enabled, require
 log = logging.getLogger("vmkv")
 
 _installed = False
-# vLLM 0.26's V2 model runner faults in FlashAttention on vmkv memory (H100, 2026-11-23):
-# vmkv selects the V1 runner unless the user chose otherwise, and then refuses.
-V2_RUNNER = "VLLM_USE_V2_MODEL_RUNNER"
 
 
 def _hooks(line: str) -> list[tuple[Any, str, Callable[[Any], Any]]]:
@@ -64,7 +62,8 @@ def _hooks(line: str) -> list[tuple[Any, str, Callable[[Any], Any]]]:
 
     return [
         (runner, "_allocate_kv_cache_tensors", worker.wrap_allocate_kv_cache_tensors),
-        (attn_utils, "_allocate_kv_cache", lambda _: worker.refuse_v2_runner),
+        (attn_utils, "_allocate_kv_cache", lambda _: worker.allocate_v2_kv_cache),
+        (gpu_worker, "warmup_kernels", worker.wrap_warmup_kernels),
         *common,
     ]
 
@@ -82,9 +81,6 @@ def register() -> None:
     ]
     if missing:
         raise RuntimeError(f"vLLM {vllm.__version__} lacks vmkv's hook points {missing}; nothing was changed")
-    if line == "0.26" and os.environ.setdefault(V2_RUNNER, "0") == "0":
-        # Read when vLLM builds its config, after plugins load; children inherit it.
-        log.info("vmkv: vLLM 0.26 runs its V1 model runner (%s=0)", V2_RUNNER)
     for owner, name, replace in hooks:
         setattr(owner, name, replace(getattr(owner, name)))
     _installed = True

@@ -1,10 +1,11 @@
 """Worker side: vLLM's KV cache tensors, backed by a vmkv KV space.
 
-vLLM 0.26 allocates one zero-filled raw buffer per ``KVCacheTensor`` (shared by its
-layers) and reshapes it with the attention backend's shape. Here each raw buffer is a
-buffer of a KV space instead (:func:`allocate_raw_kv_cache`). Mapping a KV page backs
-the same blocks in every buffer, which is right only if a block is one contiguous slice
-of each buffer: the pool checks that on the reshaped tensors (:func:`check_blocks_outermost`).
+vLLM 0.26 (both model runners) allocates one zero-filled raw buffer per
+``KVCacheTensor`` (shared by its layers) and reshapes it with the attention backend's
+shape. Here each raw buffer is a buffer of a KV space instead
+(:func:`allocate_raw_kv_cache`). Mapping a KV page backs the same blocks in every buffer,
+which is right only if a block is one contiguous slice of each buffer: the pool checks
+that on the reshaped tensors (:func:`check_blocks_outermost`).
 
 vLLM 0.32 allocates one zero-filled backing buffer and views it per layer; block ``b``
 of layer ``l`` sits at ``offset + l * layer_stride + b * block_stride``. Here each layer
@@ -159,12 +160,59 @@ def allocate_raw_kv_cache(kv_cache_config: KVCacheConfig, device: torch.device) 
     return raw
 
 
-def refuse_v2_runner(*_: Any) -> dict[str, torch.Tensor]:
-    """In place of vLLM 0.26's V2 runner KV allocation, which vmkv does not support yet."""
-    raise UnsupportedKVLayout(
-        "vmkv supports vLLM 0.26's V1 model runner only: set VLLM_USE_V2_MODEL_RUNNER=0 "
-        "(vmkv does when it is unset), or unset VMKV"
-    )
+def allocate_v2_kv_cache(
+    kv_cache_config: KVCacheConfig, shared_layers: dict[str, str], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Drop-in for vLLM 0.26's V2 runner ``attn_utils._allocate_kv_cache``: the same raw
+    buffers as the V1 runner's (layers that share another's KV get none, as in vanilla)."""
+    return allocate_raw_kv_cache(kv_cache_config, device)
+
+
+def wrap_warmup_kernels(original: Callable[..., None]) -> Callable[..., None]:
+    """vLLM 0.26's V2 ``warmup_kernels`` runs a made-up prefill and decode with blocks
+    1, 2, ... that no scheduler handed out, and writes their KV. On vmkv a block's page
+    is mapped only once the allocator hands it out, so each made-up step first takes the
+    pages it names, and the warmup gives them all back at its end."""
+
+    @functools.wraps(original)
+    def warmup_kernels(
+        model_runner: Any, execute_model: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> None:
+        if _worker is None:
+            return original(model_runner, execute_model, *args, **kwargs)
+        allocator = _worker.stack.allocator
+        taken: list[int] = []
+
+        def execute_with_pages(scheduler_output: Any) -> Any:
+            pages = {block // allocator.blocks_per_page for block in _named_blocks(scheduler_output)}
+            missing = sorted(p for p in pages if not allocator.space.is_mapped(p))
+            if missing and not allocator.take_pages(missing):
+                raise RuntimeError(
+                    f"vmkv could not map the {len(missing)} KV pages vLLM's warmup writes: "
+                    "the coordinator's budget is full; give this instance a larger VMKV_MIN"
+                )
+            taken.extend(missing)
+            return execute_model(scheduler_output)
+
+        try:
+            return original(model_runner, execute_with_pages, *args, **kwargs)
+        finally:
+            if taken:
+                allocator.free_pages(taken)
+
+    return warmup_kernels
+
+
+def _named_blocks(scheduler_output: Any) -> set[int]:
+    """The block ids a scheduler output hands the model runner."""
+    named: set[int] = set()
+    for request in scheduler_output.scheduled_new_reqs:
+        for group in request.block_ids:
+            named.update(group)
+    for groups in scheduler_output.scheduled_cached_reqs.new_block_ids:
+        for group in groups or ():
+            named.update(group)
+    return named
 
 
 def wrap_allocate_kv_cache_tensors(original: Callable[..., dict[str, torch.Tensor]]) -> Callable[..., Any]:
