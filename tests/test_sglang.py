@@ -197,6 +197,31 @@ def test_an_idle_turn_with_a_waiting_request_leases_what_it_lacks(stacks):
     assert allocator.alloc(need) is not None
 
 
+def test_an_instance_in_debt_admits_no_new_request_and_its_running_ones_go_on(stacks):
+    """Reclaim asks for pages held by running requests: SGLang may admit nothing until
+    they are paid, but the memory its running requests hold still counts as available
+    for their decode steps (else SGLang would retract them)."""
+    pool = make_pool(stacks, 40000)
+    allocator = token_allocator(pool)
+    running = allocator.alloc(2 * TOKENS_PER_PAGE)  # pages 0..2 (page 0 also holds the padding id)
+    assert running is not None and mapped(pool) == 3
+    scheduler = SimpleNamespace(token_to_kv_pool_allocator=allocator, tree_cache=None)
+    admissible = memory.wrap_get_num_allocatable_reqs(lambda self, running_bs: 8 - running_bs)
+    assert admissible(scheduler, 3) == 5
+    decode_room = allocator.available_size()
+    pool.vmkv.reclaimer.reclaim(2 * PHYSICAL_PER_KV_PAGE)  # another instance wants pages 1 and 2
+    assert allocator.owes() and admissible(scheduler, 3) == 0
+    free_ids = len(allocator.free_pages) + len(allocator.release_pages)
+    assert allocator.available_size() == free_ids  # the grantable budget is gone, the free ids stay
+    assert 0 < allocator.available_size() < decode_room
+    step = allocator.alloc(16)  # a decode step of the running requests
+    assert step is not None
+    allocator.free(torch.cat((running, step)))  # they finish: their pages pay the debt
+    memory.wrap_on_idle(lambda self: None)(scheduler)
+    assert not allocator.owes() and admissible(scheduler, 3) == 5
+    assert mapped(pool) == 1
+
+
 def test_paged_allocator_extends_and_decodes_on_demand(stacks):
     if plugin.require("sglang", sglang.__version__) == "0.5.15" and not torch.cuda.is_available():
         pytest.skip("SGLang 0.5.15's paged alloc_extend is a Triton kernel: GPU only")

@@ -123,16 +123,17 @@ class KVStack:
 
     def grantable_blocks(self) -> int:
         """Blocks this instance could map now without waiting for anyone: its pooled
-        pages plus the free budget the coordinator would grant.
+        pages plus the free budget the coordinator would grant; none while it owes.
 
         A scheduler asks for every request of every step, so this must cost about what
-        vLLM's own free count costs: the answer is computed once and reused until this
-        instance's pages change (mapping included) (a count that still included budget it has just
-        taken would promise blocks no one can give) or GRANTABLE_TTL_S passes (the
+        vLLM's own free count costs. The answer is reused until this instance's pages
+        change, mapping included (a count that still included budget it has just taken
+        would promise blocks no one can give), or GRANTABLE_TTL_S passes (the
         coordinator's free budget moves with the other instances)."""
         changes, now = self.pool.changes, time.monotonic()
         if changes != self._grantable_changes or now - self._grantable_at > GRANTABLE_TTL_S:
-            pages = self.pool.pooled + self.instance.headroom()
+            # An instance that owes may not grow (the coordinator refuses it too)
+            pages = 0 if self.pool.debt else self.pool.pooled + self.instance.headroom()
             grantable = pages // self.space.physical_per_page * self.allocator.blocks_per_page
             self._grantable = min(grantable, self.allocator.num_unmapped_blocks())
             self._grantable_changes, self._grantable_at = changes, now
@@ -144,10 +145,6 @@ class KVStack:
         finish and pay the debt. Without this a loaded engine refills every freed block
         from its own queue, and the instance that asked waits until the queue drains."""
         return self.pool.debt > 0
-
-    def owed_blocks(self) -> int:
-        """Blocks' worth of the pages this instance owes others."""
-        return -(-self.pool.debt // self.space.physical_per_page) * self.allocator.blocks_per_page
 
     def prefetch(self, blocks: int) -> None:
         """Lease pages for ``blocks`` blocks beyond those free now, in the background, so

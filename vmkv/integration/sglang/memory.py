@@ -154,8 +154,12 @@ class ElasticIds:
         if self._ids is None:
             return free
         spare = self._stack.allocator.num_free_mapped_blocks()  # empty pages kept mapped
-        owed = self._stack.owed_blocks()
-        return max(0, free + (spare + self._stack.grantable_blocks() - owed) * self.page_size)
+        return free + (spare + self._stack.grantable_blocks()) * self.page_size
+
+    def owes(self) -> bool:
+        """Whether reclaim asked for more pages than this instance had idle: it then
+        admits no new request (see wrap_get_num_allocatable_reqs)."""
+        return self._ids is not None and self._stack.owes()
 
     def alloc(self, need_size: int, *args: Any, **kwargs: Any) -> torch.Tensor | None:
         self._ensure(need_size // self.page_size)
@@ -228,6 +232,22 @@ class ElasticIds:
 def elastic(base: type) -> type:
     """SGLang allocator class ``base`` with vmkv's free-list management mixed in."""
     return type(f"Vmkv{base.__name__}", (ElasticIds, base), {"__module__": __name__})
+
+
+def wrap_get_num_allocatable_reqs(original: Any) -> Any:
+    """Scheduler.get_num_allocatable_reqs: 0 while the allocator owes pages, so SGLang
+    admits no new request, while its running requests go on decoding (its chunked prefill
+    in progress too: SGLang skips this check for it). Their pages then empty as they
+    finish and pay the debt. Counting the debt out of ``available_size`` instead would
+    make SGLang retract running requests to fit the next decode step, recomputing them."""
+
+    def get_num_allocatable_reqs(self: Any, *args: Any, **kwargs: Any) -> int:
+        allocator = getattr(self, "token_to_kv_pool_allocator", None)
+        if isinstance(allocator, ElasticIds) and allocator.owes():
+            return 0
+        return original(self, *args, **kwargs)
+
+    return get_num_allocatable_reqs
 
 
 def wrap_on_idle(original: Any) -> Any:

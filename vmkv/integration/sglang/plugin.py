@@ -8,7 +8,8 @@ names, all looked up by attribute, never by reading source (see memory.py):
   SGLang derives its pointer tables afterwards; ``_create_buffers`` on 0.5.15);
 * the token and paged allocator classes where the pools' builder looks them up
   (``kv_cache_configurator`` on 0.5.23, ``model_runner_kv_cache_mixin`` on 0.5.15);
-* ``Scheduler.on_idle``, where memory is settled with the coordinator;
+* ``Scheduler.on_idle``, where memory is settled with the coordinator, and
+  ``Scheduler.get_num_allocatable_reqs``, which admits nothing while a debt is unpaid;
 * ``RadixCache.match_prefix``, which reloads spilled entries past a device match.
 
 Every target is checked before anything is replaced. SGLang logs and skips a plugin that
@@ -51,6 +52,7 @@ def _hooks(line: str) -> list[tuple[Any, str, Callable[[Any], Any]]]:
         (builder, "TokenToKVPoolAllocator", memory.elastic),
         (builder, "PagedTokenToKVPoolAllocator", memory.elastic),
         (scheduler.Scheduler, "on_idle", memory.wrap_on_idle),
+        (scheduler.Scheduler, "get_num_allocatable_reqs", memory.wrap_get_num_allocatable_reqs),
         (radix_cache.RadixCache, "match_prefix", radix.wrap_match_prefix),
     ]
 
