@@ -5,6 +5,8 @@
 #   bash scripts/gpu_vllm.sh bench   throughput on vmkv / vanilla, 886M model in /tmp/model
 #                                    (BENCH_ARGS=--cuda-graphs: vLLM's default, not eager)
 #   bash scripts/gpu_vllm.sh coloc   the co-location benchmark, static split vs vmkv, 886M model
+# MODEL=8b (bench, coloc): a random model of Llama-3-8B's geometry in /tmp/model8b instead,
+# made here on the GPU (16 GB); decoding it is bound by the GPU, not by the engine's Python.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/vmkv-out}
@@ -20,19 +22,28 @@ printf 'Metadata-Version: 2.1\nName: vmkv\nVersion: 0.dev0\n' > /tmp/site/vmkv-0
 printf '[vllm.general_plugins]\nvmkv = vmkv.integration.vllm.plugin:register\n' \
   > /tmp/site/vmkv-0.dev0.dist-info/entry_points.txt
 python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+model_dir() {  # the benchmark model, made on first use
+  if [ "${MODEL:-}" = 8b ]; then
+    [ -f /tmp/model8b/config.json ] || python3 scripts/make_tiny_model.py /tmp/model8b --preset llama3-8b > "$OUT/model.log" 2>&1
+    echo /tmp/model8b
+  else
+    [ -f /tmp/model/config.json ] || bash /tmp/gpu-vllm/device.sh model /tmp/model > "$OUT/model.log" 2>&1
+    echo /tmp/model
+  fi
+}
 case "${1:-tests}" in
 tests)
   python3 -m pytest -q -p no:cacheprovider tests/test_gpu_vllm.py tests/test_vllm.py 2>&1 | tee "$OUT/pytest-gpu-vllm.log" | tail -15
   exit "${PIPESTATUS[0]}" ;;
 bench)
-  [ -f /tmp/model/config.json ] || bash /tmp/gpu-vllm/device.sh model /tmp/model > "$OUT/model.log" 2>&1
-  (cd benchmarks && python3 bench_vllm_overhead.py /tmp/model --kv-bytes $((4 << 30)) --prompts 256 \
+  model=$(model_dir)
+  (cd benchmarks && python3 bench_vllm_overhead.py "$model" --kv-bytes "${KV_BYTES:-$((4 << 30))}" --prompts 256 \
      --max-tokens 128 --rounds "${ROUNDS:-3}" --repeats 3 ${BENCH_ARGS:-} --json) 2>&1 | tee "$OUT/bench_vllm_overhead_gpu.txt" | tail -6 ;;
 coloc)  # the run stays in /tmp/vmkv-coloc; $OUT gets what fits its 8-file limit
-  [ -f /tmp/model/config.json ] || bash /tmp/gpu-vllm/device.sh model /tmp/model > "$OUT/model.log" 2>&1
+  model=$(model_dir)
   run=/tmp/vmkv-coloc
   PYTHON=python3 INSTANCES=${INSTANCES:-2} BUDGET=${BUDGET:-1G} \
-    SERVER_ARGS="--model /tmp/model --max-model-len 2048 ${SERVER_ARGS:-}" \
+    SERVER_ARGS="--model $model --max-model-len 2048 ${SERVER_ARGS:-}" \
     bash engine_integration/benchmark/run_colocation.sh "$run" --duration "${DURATION:-60}" --phase "${PHASE:-15}" \
     --rate-on "${RATE_ON:-3.5}" --rate-off 0.5 --prompt-len 512 --output-len 256 --shared-prefix 128 \
     2>&1 | tee "$OUT/coloc.txt" | grep -v '^{"date'
