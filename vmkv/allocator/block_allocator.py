@@ -347,7 +347,7 @@ class BlockAllocator:
         return pages
 
     def _map(self, pages: list[int]) -> bool:
-        """Map ``pages`` (already off the unmapped heap) with all their blocks free."""
+        """Map ``pages`` with all their blocks free; the caller keeps the unmapped heap."""
         if not self.space.map_pages(pages):
             return False
         bpp = self.blocks_per_page
