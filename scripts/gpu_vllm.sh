@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # vmkv with real vLLM 0.26 on the GPU machine, once ../shared/gpu-vllm's pieces are
 # installed into /tmp/site (see README, GPU runs). Logs and JSON go to $OUT.
+#   bash scripts/gpu_vllm.sh setup   only what the others do first (build, plugin entry points)
 #   bash scripts/gpu_vllm.sh tests   the GPU vLLM tests (tiny model, vanilla vs vmkv)
 #   bash scripts/gpu_vllm.sh bench   throughput on vmkv / vanilla, 886M model in /tmp/model
 #                                    (BENCH_ARGS=--cuda-graphs: vLLM's default, not eager)
@@ -19,7 +20,7 @@ fi
 # vLLM finds plugins by entry point: give this checkout's vmkv one without installing it.
 mkdir -p /tmp/site/vmkv-0.dev0.dist-info
 printf 'Metadata-Version: 2.1\nName: vmkv\nVersion: 0.dev0\n' > /tmp/site/vmkv-0.dev0.dist-info/METADATA
-printf '[vllm.general_plugins]\nvmkv = vmkv.integration.vllm.plugin:register\n' \
+printf '[vllm.general_plugins]\nvmkv = vmkv.integration.vllm.plugin:register\n\n[sglang.srt.plugins]\nvmkv = vmkv.integration.sglang.plugin:register\n' \
   > /tmp/site/vmkv-0.dev0.dist-info/entry_points.txt
 python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 model_dir() {  # the benchmark model, made on first use
@@ -32,6 +33,7 @@ model_dir() {  # the benchmark model, made on first use
   fi
 }
 case "${1:-tests}" in
+setup) ;;
 tests)
   python3 -m pytest -q -p no:cacheprovider tests/test_gpu_vllm.py tests/test_vllm.py 2>&1 | tee "$OUT/pytest-gpu-vllm.log" | tail -15
   exit "${PIPESTATUS[0]}" ;;
@@ -50,5 +52,5 @@ coloc)  # the run stays in /tmp/vmkv-coloc; $OUT gets what fits its 8-file limit
   cp "$run/ttft_cdf.png" "$OUT/coloc-ttft_cdf.png"; cp "$run/vmkv/memory.png" "$OUT/coloc-memory.png"
   cp "$run/static/summary.json" "$OUT/coloc-static.json"; cp "$run/vmkv/summary.json" "$OUT/coloc-vmkv.json"
   cp "$run/vmkv/memory.csv" "$OUT/coloc-memory.csv" ;;
-*) echo "usage: gpu_vllm.sh tests|bench|coloc"; exit 2 ;;
+*) echo "usage: gpu_vllm.sh setup|tests|bench|coloc"; exit 2 ;;
 esac

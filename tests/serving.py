@@ -1,4 +1,4 @@
-"""Traffic and listings for the tests that run `vllm serve` instances on vmkv."""
+"""Traffic and listings for the tests that run `vllm serve` and SGLang servers on vmkv."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "engine_integration" / "benchmark"))
-from servers import VllmServer, server_env, tiny_model
+from servers import Server, SglangServer, VllmServer, server_env, tiny_model
 
-__all__ = ["PROMPT", "VllmServer", "burst", "peak_held", "server_env", "tiny_model", "vmkv_ls"]
+__all__ = [
+    "PROMPT", "SglangServer", "VllmServer", "burst", "peak_held", "server_env", "tiny_model", "vmkv_ls",
+]  # fmt: skip
 
 PROMPT = "once upon a time there was a tiny model that wrote stories " * 6
 
@@ -25,7 +27,7 @@ def vmkv_ls(segment: str) -> dict[str, dict]:
     return {i["name"]: i for i in json.loads(out.stdout)["segments"][0]["instances"]}
 
 
-def burst(server: VllmServer, count: int, errors: list[str]) -> threading.Thread:
+def burst(server: Server, count: int, errors: list[str]) -> threading.Thread:
     def send(i: int) -> None:
         try:
             server.complete(f"request {i}: " + PROMPT, max_tokens=64)

@@ -49,3 +49,10 @@ def test_demo_pages_grow_and_come_back():
     assert "after the run: A=0 B=0" in last
     peak_a = int(last.split("A=")[1].split()[0])
     assert peak_a > 100  # MiB mapped during A's burst
+
+
+def test_listing_a_segment_that_does_not_exist_names_it():
+    result = vmkv("ls", "--json", "--segment", "/vmkv-nobody-opened-this")
+    assert result.returncode == 1
+    assert "no coordinator segment '/vmkv-nobody-opened-this'" in result.stderr
+    assert "Traceback" not in result.stderr

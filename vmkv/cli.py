@@ -60,8 +60,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _segments(only: str | None) -> list[Segment]:
-    names = [only] if only else user_segments()
-    return [Segment.attach(name) for name in names]
+    if only is None:
+        return [Segment.attach(name) for name in user_segments()]
+    try:
+        return [Segment.attach(only)]
+    except FileNotFoundError:
+        raise SystemExit(f"vmkv: no coordinator segment {only!r} (no instance has opened it)") from None
 
 
 def _listing(only: str | None) -> list[dict[str, Any]]:

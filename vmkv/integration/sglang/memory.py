@@ -122,6 +122,7 @@ class ElasticIds:
 
     _ids: PagedIds | None = None
     radix_spill: RadixSpill | None = None  # read by the wrapped RadixCache.match_prefix
+    auditing = False  # set by the wrapped Scheduler.on_idle around SGLang's leak check
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # runs clear(): the vanilla, full free list
@@ -150,9 +151,15 @@ class ElasticIds:
             self.free_pages = self._ids.initial()
 
     def available_size(self) -> int:
+        """What SGLang may allocate: its free list, the spare mapped pages and what the
+        coordinator would grant now. While ``auditing``, vanilla's count instead: every id
+        not handed out, which SGLang's idle leak check expects to add up, with the radix
+        tree's, to the pool's size (it raises otherwise)."""
         free = super().available_size()
         if self._ids is None:
             return free
+        if self.auditing:
+            return free + self._ids.unlisted() * self.page_size
         spare = self._stack.allocator.num_free_mapped_blocks()  # empty pages kept mapped
         return free + (spare + self._stack.grantable_blocks()) * self.page_size
 
@@ -251,20 +258,26 @@ def wrap_get_num_allocatable_reqs(original: Any) -> Any:
 
 
 def wrap_on_idle(original: Any) -> Any:
-    """Scheduler.on_idle: settle the allocator's memory with the coordinator. SGLang
-    also takes this turn when requests wait and none could be admitted: then lease what
-    the first one lacks."""
+    """Scheduler.on_idle: SGLang's own turn (its leak check then counts every id not
+    handed out as free, see ElasticIds.available_size), then settle the allocator's memory
+    with the coordinator. SGLang also takes this turn when requests wait and none could
+    be admitted: then lease what the first one lacks."""
     from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS
 
     def on_idle(self: Any, *args: Any, **kwargs: Any) -> Any:
-        result = original(self, *args, **kwargs)
         allocator = getattr(self, "token_to_kv_pool_allocator", None)
-        if isinstance(allocator, ElasticIds):
-            allocator.settle(getattr(self, "tree_cache", None))
-            if waiting := getattr(self, "waiting_queue", None):
-                first = waiting[0]  # SGLang's own admission estimate: prompt + clipped output
-                new_tokens = min(first.sampling_params.max_new_tokens or 0, CLIP_MAX_NEW_TOKENS)
-                allocator.prefetch_for(len(first.origin_input_ids) + new_tokens)
+        if not isinstance(allocator, ElasticIds):
+            return original(self, *args, **kwargs)
+        allocator.auditing = True
+        try:
+            result = original(self, *args, **kwargs)
+        finally:
+            allocator.auditing = False
+        allocator.settle(getattr(self, "tree_cache", None))
+        if waiting := getattr(self, "waiting_queue", None):
+            first = waiting[0]  # SGLang's own admission estimate: prompt + clipped output
+            new_tokens = min(first.sampling_params.max_new_tokens or 0, CLIP_MAX_NEW_TOKENS)
+            allocator.prefetch_for(len(first.origin_input_ids) + new_tokens)
         return result
 
     return on_idle
