@@ -14,7 +14,7 @@ if [ ! -d /tmp/sgl-site/sglang ]; then
     || { tail -20 "$OUT/sglang-install.log"; exit 1; }
 fi
 bash scripts/gpu_vllm.sh setup || exit 1
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD:/tmp/site VMKV_SGLANG_PATH=/tmp/sgl-site
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONPATH=$PWD:/tmp/site VMKV_SGLANG_PATH=/tmp/sgl-site
 export VMKV_REQUIRE_SGLANG=1 VMKV_GPU_MODEL=${VMKV_GPU_MODEL:-/tmp/model}
 rm -rf /tmp/sgl-pytest
 python3 -m pytest -q -p no:cacheprovider --basetemp=/tmp/sgl-pytest tests/test_gpu_sglang.py ${PYTEST_ARGS:-} 2>&1 \

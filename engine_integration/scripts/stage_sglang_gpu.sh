@@ -26,7 +26,7 @@ dl() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version
 # PyTorch sampling, as the launch line above asks.
 REQS=(sglang==0.5.15 sglang-kernel==0.4.4 flashinfer-python==0.6.12 apache-tvm-ffi==0.1.11
       transformers==5.12.1 tokenizers==0.22.2 "huggingface-hub>=1.5,<2" torch-memory-saver==0.0.10
-      uvloop orjson gguf sentencepiece einops ipython traitlets decorator jedi parso
+      uvloop orjson gguf sentencepiece einops soundfile ipython traitlets decorator jedi parso
       matplotlib-inline pexpect ptyprocess prompt-toolkit wcwidth stack-data asttokens executing pure-eval)
 for req in "${REQS[@]}"; do
   name=${req%%[=<>]*}; norm=$(echo "$name" | tr 'A-Z-' 'a-z_')
