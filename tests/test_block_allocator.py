@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from hypothesis import settings
@@ -153,6 +155,64 @@ def test_pages_return_only_when_empty_and_spares_are_kept():
     stats = allocator.stats()
     assert (stats.used_blocks, stats.free_mapped_blocks) == (3, 0)
     assert stats.fragmentation == 0.0
+    vmm.close()
+
+
+def test_map_ahead_maps_pages_while_the_engine_keeps_allocating():
+    """The driver calls of a map ahead run without the allocator's lock: the engine
+    allocates from mapped pages meanwhile, and the pages then serve allocations as they are."""
+    vmm, space, allocator = make_allocator(capacity_pages=20)
+    original = space.map_pages
+    seen_during_map: list[list[int] | None] = []
+
+    def map_pages_watched(pages):
+        # Another thread (the engine) allocates while this map is in flight.
+        result: list = []
+        engine = threading.Thread(target=lambda: result.append(allocator.alloc(2)))
+        engine.start()
+        engine.join(timeout=5)
+        seen_during_map.append(result[0] if result else None)
+        return original(pages)
+
+    space.map_pages = map_pages_watched
+    assert allocator.map_ahead(3) == 3
+    space.map_pages = original
+    assert seen_during_map[0] is not None and len(seen_during_map[0]) == 2  # not blocked by the map
+    assert space.mapped_pages == 4 and allocator.num_empty_mapped_pages() == 3
+    mapped = space.mapped_pages
+    more = allocator.alloc(3 * 4)  # three pages' worth: served by the pages mapped ahead
+    assert more is not None and space.mapped_pages == mapped
+    allocator.free(more + seen_during_map[0])
+    assert space.mapped_pages == 1  # keep_free_pages=0: the empty pages went back
+    assert allocator.map_ahead(100) == 9 and space.mapped_pages == 10  # every page there is
+    assert allocator.map_ahead(1) == 0
+    vmm.close()
+
+
+def test_a_map_ahead_past_the_memory_there_is_maps_nothing():
+    vmm, space, allocator = make_allocator()  # memory for 6 of the 10 KV pages
+    assert allocator.map_ahead(6) == 0 and space.mapped_pages == 1
+    assert allocator.num_free_blocks() == NUM_BLOCKS - 1  # the pages went back to the heap
+    assert allocator.map_ahead(5) == 5
+    assert allocator.alloc(4 * 5 + 3) is not None and space.mapped_pages == 6
+    vmm.close()
+
+
+def test_held_spares_stay_mapped_until_the_hold_ends():
+    vmm, space, allocator = make_allocator(capacity_pages=20)
+    assert allocator.spares_wanted() == 0
+    allocator.hold_spares(2, 60.0)
+    assert allocator.spares_wanted() == 2
+    blocks = allocator.alloc(12)  # pages 0 (with the null block), 1, 2 and one block of 3
+    allocator.free(blocks)
+    assert allocator.num_empty_mapped_pages() == 2  # the hold keeps two of the three
+    assert allocator.spares_wanted() == 0
+    allocator.hold_spares(1, 60.0)  # a smaller hold while one runs does not shrink it
+    allocator.free(allocator.alloc(1))
+    assert allocator.num_empty_mapped_pages() == 2
+    allocator.hold_spares(0, 0.0)  # the hold ends: back to keep_free_pages (0)
+    allocator.free(allocator.alloc(1))
+    assert allocator.num_empty_mapped_pages() == 0 and space.mapped_pages == 1
     vmm.close()
 
 

@@ -91,3 +91,54 @@ def test_prefetch_takes_idle_pages_another_instance_holds(monkeypatch):
         for stack in stacks.values():
             stack.close()
         remove_segment(segment)
+
+
+def test_a_step_that_took_pages_gets_as_many_mapped_ahead_from_free_budget_only(monkeypatch):
+    """After a scheduling step that took N pages' worth of new blocks, the stack maps N
+    pages ahead on its own thread, so that the next such step maps nothing itself. It
+    takes only free budget, never another instance's pages, and the spares it holds go
+    back at once when another instance asks."""
+    segment = f"/vmkv-{os.getuid()}-ahead{os.getpid()}"
+    monkeypatch.setenv("VMKV_SEGMENT", segment)
+    monkeypatch.setenv("VMKV_BUDGET", "32M")  # 8 KV pages of 4 MiB
+    monkeypatch.setenv("VMKV_PAGE_BYTES", "1M")
+    stacks = {}
+    try:
+        for name in ("a", "b"):
+            settings = StackSettings(name, "test", "tiny", spill=False, keep_free_pages=0)
+            stacks[name] = KVStack(torch.device("cpu"), [64 << 10] * 4, 256, settings)
+        a, b = stacks["a"], stacks["b"]
+        bpp = a.allocator.blocks_per_page
+        step = a.allocator.alloc(2 * bpp)  # a step that took two pages' worth
+        assert step is not None
+        a.map_ahead(2 * bpp)
+        assert a._mapper is not None
+        a._mapper.join(timeout=10)
+        assert a.allocator.num_empty_mapped_pages() == 2
+        mapped = a.space.mapped_pages
+        again = a.allocator.alloc(2 * bpp)  # the next such step maps nothing
+        assert again is not None and a.space.mapped_pages == mapped
+        a.allocator.free(again)
+        assert a.allocator.num_empty_mapped_pages() == 2  # held for the next step
+
+        rest = b.allocator.alloc(b.grantable_blocks())  # b takes the free budget
+        assert rest is not None and b.grantable_blocks() == 0
+        b_held = b.pool.stats().held
+        a.map_ahead(4 * bpp)  # wants more spares: only b's pages are left, and it takes none
+        if a._mapper is not None:
+            a._mapper.join(timeout=10)
+        assert a.space.mapped_pages == mapped and b.pool.stats().held == b_held
+
+        deadline = time.monotonic() + 10  # b asks (as its engine does on a shortfall): a's spares go
+        while b.grantable_blocks() < 2 * bpp and time.monotonic() < deadline:
+            b.prefetch(2 * bpp)
+            time.sleep(0.01)
+        more = b.allocator.alloc(2 * bpp)
+        assert more is not None
+        assert a.allocator.num_empty_mapped_pages() == 0 and b.pool.stats().held == b_held + 8
+        a.allocator.free(step)
+        b.allocator.free(rest + more)
+    finally:
+        for stack in stacks.values():
+            stack.close()
+        remove_segment(segment)

@@ -57,9 +57,11 @@ class BlockAllocator:
     """Hands out block ids, mapping KV pages as needed and unmapping empty ones.
 
     ``keep_free_pages`` fully free pages stay mapped to absorb alloc/free churn (the
-    engine layers use a few; the default 0 returns every empty page at once). The page
-    of the null block is mapped at construction; on a full node that may take a reclaim
-    from the other instances, so it is retried for up to ``startup_wait_s``.
+    engine layers use a few; the default 0 returns every empty page at once), more for a
+    while after :meth:`hold_spares`. :meth:`map_ahead` maps pages before they are needed,
+    on the caller's thread but without holding up allocations. The page of the null block
+    is mapped at construction; on a full node that may take a reclaim from the other
+    instances, so it is retried for up to ``startup_wait_s``.
     """
 
     def __init__(
@@ -82,6 +84,10 @@ class BlockAllocator:
         # alloc/free come from the engine; trim and cold reclaim come from the coordinator's
         # thread. Engine layers hold it too while they change which blocks are cached.
         self.lock = threading.RLock()
+        # Held by map_ahead across its driver calls, while its pages are in neither the
+        # unmapped heap nor the mapped pages; take this one first, then ``lock``.
+        self._ahead_lock = threading.Lock()
+        self._spares, self._spares_until = 0, 0.0  # see hold_spares
         self._allocated = bytearray(self.num_blocks)
         # Mapped page -> its free slots, popped lowest id first.
         self._free_slots: dict[int, list[int]] = {}
@@ -119,6 +125,12 @@ class BlockAllocator:
     def num_empty_mapped_pages(self) -> int:
         """Mapped pages with no live block: what trim() would give back."""
         return len(self._empty_pages())
+
+    def spares_wanted(self) -> int:
+        """How many more empty pages should be mapped now (see :meth:`hold_spares`);
+        cheap enough for every scheduling step."""
+        empty = len(self._pages_by_free[self.blocks_per_page])
+        return max(0, min(self._kept_pages() - empty, len(self._unmapped)))
 
     def is_allocated(self, block: int) -> bool:
         return 0 <= block < self.num_blocks and bool(self._allocated[block])
@@ -211,7 +223,41 @@ class BlockAllocator:
             self._free_slots[page].sort(reverse=True)
         self._free_mapped += len(blocks)
         self._used -= len(blocks)
-        self._release_empty_pages(self.keep_free_pages)
+        self._release_empty_pages(self._kept_pages())
+
+    # -- mapping ahead -------------------------------------------------------------------
+
+    def hold_spares(self, pages: int, seconds: float) -> None:
+        """Keep up to ``pages`` empty pages mapped for the next ``seconds`` (at least
+        ``keep_free_pages`` always): an engine whose steps take that many pages' worth of
+        blocks at once would otherwise unmap pages one step and map them again the next."""
+        now = time.monotonic()
+        if now >= self._spares_until or pages >= self._spares:
+            self._spares = pages
+        self._spares_until = now + seconds
+
+    def map_ahead(self, pages: int) -> int:
+        """Map up to ``pages`` more pages, all their blocks free, so that allocations find
+        them mapped; returns how many were mapped (0 when their memory cannot be had).
+
+        The lock is held only to pick the pages and to hand them out, not across the
+        driver calls, which on CUDA cost milliseconds a page: the engine goes on
+        allocating meanwhile, from the pages already mapped."""
+        with self._ahead_lock:
+            with self.lock:
+                picked = [heapq.heappop(self._unmapped) for _ in range(min(pages, len(self._unmapped)))]
+            mapped = bool(picked) and self.space.map_pages(picked)
+            with self.lock:
+                if mapped:
+                    self._add_mapped(picked)
+                else:
+                    for page in picked:
+                        heapq.heappush(self._unmapped, page)
+            return len(picked) if mapped else 0
+
+    def _kept_pages(self) -> int:
+        spares = self._spares if time.monotonic() < self._spares_until else 0
+        return max(self.keep_free_pages, spares)
 
     # -- whole pages -------------------------------------------------------------------
 
@@ -244,7 +290,7 @@ class BlockAllocator:
         Give them back with :meth:`free_pages`."""
         wanted = set(pages)
         pages = sorted(wanted)
-        with self.lock:
+        with self._ahead_lock, self.lock:
             for page in pages:
                 if isinstance(page, bool) or not isinstance(page, int):
                     raise ValueError(f"KV page {page!r} is not an integer")
@@ -300,7 +346,7 @@ class BlockAllocator:
                 self._move(page, 0, len(held))
                 self._free_mapped += len(held)
                 self._used -= len(held)
-            self._release_empty_pages(self.keep_free_pages)
+            self._release_empty_pages(self._kept_pages())
 
     def trim(self, pages: int | None = None) -> int:
         """Unmap fully free pages now (all of them, or up to ``pages``); returns how many."""
@@ -338,7 +384,10 @@ class BlockAllocator:
         raise AssertionError("no mapped page has a free block")
 
     def _map_new_pages(self, count: int) -> list[int] | None:
-        """The lowest unmapped pages, mapped, or None with nothing changed."""
+        """The lowest unmapped pages, mapped, or None with nothing changed (also when a
+        map ahead has the last ones in flight)."""
+        if count > len(self._unmapped):
+            return None
         pages = [heapq.heappop(self._unmapped) for _ in range(count)]
         if not self._map(pages):
             for page in pages:
@@ -350,6 +399,10 @@ class BlockAllocator:
         """Map ``pages`` with all their blocks free; the caller keeps the unmapped heap."""
         if not self.space.map_pages(pages):
             return False
+        self._add_mapped(pages)
+        return True
+
+    def _add_mapped(self, pages: list[int]) -> None:
         bpp = self.blocks_per_page
         for page in pages:
             end = min((page + 1) * bpp, self.num_blocks)
@@ -357,7 +410,6 @@ class BlockAllocator:
             self._pages_by_free[end - page * bpp].add(page)
             self._free_mapped += end - page * bpp
             self._unmapped_blocks -= end - page * bpp
-        return True
 
     def _release_empty_pages(self, keep: int) -> int:
         empty = self._empty_pages()

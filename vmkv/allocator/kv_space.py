@@ -104,7 +104,11 @@ class KVSpace:
 
     def map_pages(self, pages: Sequence[int]) -> bool:
         """Back KV pages with physical memory in one batched call. Returns False, with
-        nothing changed, when the pool cannot supply the physical pages."""
+        nothing changed, when the pool cannot supply the physical pages.
+
+        The driver call runs outside the lock (on CUDA it costs milliseconds for a page
+        across many layers), so that a map ahead on another thread does not hold up the
+        engine mapping or unmapping other pages; a page being mapped counts as mapped."""
         if not pages:
             return True
         with self._lock:
@@ -112,16 +116,19 @@ class KVSpace:
             physical = self.pool.acquire(len(pages) * self.physical_per_page)
             if physical is None:
                 return False
-            addresses = [a for page in pages for a in self._addresses(page)]
-            try:
-                self.vmm.map(list(zip(addresses, physical, strict=True)))
-            except BaseException:
-                self.pool.release(physical)
-                raise
             per_page = self.physical_per_page
             for i, page in enumerate(pages):
                 self._mapped[page] = physical[i * per_page : (i + 1) * per_page]
-            return True
+        addresses = [a for page in pages for a in self._addresses(page)]
+        try:
+            self.vmm.map(list(zip(addresses, physical, strict=True)))
+        except BaseException:
+            with self._lock:
+                for page in pages:
+                    del self._mapped[page]
+                self.pool.release(physical)
+            raise
+        return True
 
     def unmap_pages(self, pages: Sequence[int]) -> None:
         """Unmap KV pages in one batched call and return their memory to the pool."""

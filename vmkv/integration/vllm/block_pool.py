@@ -68,6 +68,7 @@ class VmkvBlockPool(BlockPool):
         # them later in the same step, so reclaim (on another thread) must leave them.
         self._step_hits: set[int] = set()
         self._scheduling = False
+        self._step_blocks = 0  # new blocks taken in this scheduling step: mapped ahead after it
         # False while allocate_slots serves a running request: the debt does not stop it.
         self.admitting = True
         self.reloaded_blocks = 0
@@ -121,6 +122,7 @@ class VmkvBlockPool(BlockPool):
     # -- allocation ----------------------------------------------------------------------
 
     def get_new_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
+        self._step_blocks += num_blocks
         with self._lock:
             fresh = self._allocator.alloc_up_to(num_blocks)
             reuse = min(num_blocks - len(fresh), self.free_block_queue.num_free_blocks)
@@ -172,15 +174,18 @@ class VmkvBlockPool(BlockPool):
 
     @contextlib.contextmanager
     def scheduling_step(self) -> Iterator[None]:
-        """Around one ``Scheduler.schedule`` call: what it looks up stays until it ends."""
+        """Around one ``Scheduler.schedule`` call: what it looks up stays until it ends.
+        Afterwards as many pages as the step took are mapped ahead (KVStack.map_ahead)."""
         with self._lock:
             self._scheduling = True
+            self._step_blocks = 0
         try:
             yield
         finally:
             with self._lock:
                 self._scheduling = False
                 self._step_hits.clear()
+            self._stack.map_ahead(self._step_blocks)
 
     def touch(self, blocks: Sequence[KVCacheBlock]) -> None:
         with self._lock:
