@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -20,10 +21,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(below: int = 65536) -> int:
+    """A port free now; ``below`` bounds it (the kernel's pick may be any ephemeral port)."""
+    for port in [0] if below == 65536 else random.sample(range(20000, below), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError(f"no free port below {below}")
 
 
 def server_env(vmkv: bool, one_process: bool | None = None, **settings: str) -> dict[str, str]:
@@ -117,6 +124,10 @@ class VllmServer(Server):
         super().__init__(args, env, log, port, name)
 
 
+# SGLang 0.5.15 also listens on its HTTP port + 10000 (gRPC), which must be a valid port.
+SGLANG_MAX_PORT = 65535 - 10000
+
+
 class SglangServer(Server):
     """One `python -m sglang.launch_server` process (GPU only: SGLang serves no model on a
     CPU) with a KV pool of ``max_tokens`` token slots. The triton attention backend and
@@ -134,7 +145,7 @@ class SglangServer(Server):
         name: str = "tiny",
         extra_args: Sequence[str] = (),
     ) -> None:
-        port = free_port()
+        port = free_port(below=SGLANG_MAX_PORT)
         args = [
             python, "-m", "sglang.launch_server", "--model-path", str(model),
             "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",

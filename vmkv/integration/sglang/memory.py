@@ -195,10 +195,8 @@ class ElasticIds:
             self.free_pages = torch.cat((self.free_pages, fresh))
 
     def prefetch_for(self, tokens: int) -> None:
-        """A waiting request that needs ``tokens`` free tokens to be admitted does not
-        fit: lease what it lacks for a later turn (see KVStack.prefetch). SGLang admits
-        only what ``available_size`` covers, so without this an instance whose neighbour
-        holds the budget as idle cached pages would never ask for them."""
+        """A waiting request needs ``tokens`` free tokens to be admitted: lease what it
+        lacks for a later turn (see KVStack.prefetch and wrap_get_num_allocatable_reqs)."""
         if self._ids is not None:
             self._stack.prefetch(-(-tokens // self.page_size) - self.available_size() // self.page_size)
 
@@ -242,16 +240,28 @@ def elastic(base: type) -> type:
 
 
 def wrap_get_num_allocatable_reqs(original: Any) -> Any:
-    """Scheduler.get_num_allocatable_reqs: 0 while the allocator owes pages, so SGLang
-    admits no new request, while its running requests go on decoding (its chunked prefill
-    in progress too: SGLang skips this check for it). Their pages then empty as they
-    finish and pay the debt. Counting the debt out of ``available_size`` instead would
-    make SGLang retract running requests to fit the next decode step, recomputing them."""
+    """Scheduler.get_num_allocatable_reqs, which SGLang asks whenever requests wait.
+
+    * 0 while the allocator owes pages, so SGLang admits no new request, while its
+      running requests go on decoding (its chunked prefill in progress too: SGLang skips
+      this check for it). Their pages then empty as they finish and pay the debt.
+      Counting the debt out of ``available_size`` instead would make SGLang retract
+      running requests to fit the next decode step, recomputing them.
+    * Otherwise, when the first waiting request does not fit what is available, lease
+      what it lacks in the background (ElasticIds.prefetch_for): SGLang admits only what
+      ``available_size`` covers, which holds only what the coordinator grants at once,
+      so without this an instance whose neighbour holds the budget would never ask."""
+    from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS
 
     def get_num_allocatable_reqs(self: Any, *args: Any, **kwargs: Any) -> int:
         allocator = getattr(self, "token_to_kv_pool_allocator", None)
-        if isinstance(allocator, ElasticIds) and allocator.owes():
-            return 0
+        if isinstance(allocator, ElasticIds):
+            if allocator.owes():
+                return 0
+            if waiting := getattr(self, "waiting_queue", None):
+                first = waiting[0]  # SGLang's own admission estimate: prompt + clipped output
+                new_tokens = min(first.sampling_params.max_new_tokens or 0, CLIP_MAX_NEW_TOKENS)
+                allocator.prefetch_for(len(first.origin_input_ids) + new_tokens)
         return original(self, *args, **kwargs)
 
     return get_num_allocatable_reqs
@@ -260,9 +270,7 @@ def wrap_get_num_allocatable_reqs(original: Any) -> Any:
 def wrap_on_idle(original: Any) -> Any:
     """Scheduler.on_idle: SGLang's own turn (its leak check then counts every id not
     handed out as free, see ElasticIds.available_size), then settle the allocator's memory
-    with the coordinator. SGLang also takes this turn when requests wait and none could
-    be admitted: then lease what the first one lacks."""
-    from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS
+    with the coordinator."""
 
     def on_idle(self: Any, *args: Any, **kwargs: Any) -> Any:
         allocator = getattr(self, "token_to_kv_pool_allocator", None)
@@ -274,10 +282,6 @@ def wrap_on_idle(original: Any) -> Any:
         finally:
             allocator.auditing = False
         allocator.settle(getattr(self, "tree_cache", None))
-        if waiting := getattr(self, "waiting_queue", None):
-            first = waiting[0]  # SGLang's own admission estimate: prompt + clipped output
-            new_tokens = min(first.sampling_params.max_new_tokens or 0, CLIP_MAX_NEW_TOKENS)
-            allocator.prefetch_for(len(first.origin_input_ids) + new_tokens)
         return result
 
     return on_idle

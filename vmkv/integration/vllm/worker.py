@@ -172,7 +172,9 @@ def wrap_warmup_kernels(original: Callable[..., None]) -> Callable[..., None]:
     """vLLM 0.26's V2 ``warmup_kernels`` runs a made-up prefill and decode with blocks
     1, 2, ... that no scheduler handed out, and writes their KV. On vmkv a block's page
     is mapped only once the allocator hands it out, so each made-up step first takes the
-    pages it names, and the warmup gives them all back at its end."""
+    pages it names, and the warmup gives them all back at its end, to the coordinator
+    too: the warmup's pages are no working set, and an idle instance holding them would
+    keep a neighbour that starts later from growing."""
 
     @functools.wraps(original)
     def warmup_kernels(
@@ -199,6 +201,7 @@ def wrap_warmup_kernels(original: Callable[..., None]) -> Callable[..., None]:
         finally:
             if taken:
                 allocator.free_pages(taken)
+                _worker.stack.pool.trim()
 
     return warmup_kernels
 
