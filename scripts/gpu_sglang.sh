@@ -17,7 +17,8 @@ bash scripts/gpu_vllm.sh setup || exit 1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONPATH=$PWD:/tmp/site VMKV_SGLANG_PATH=/tmp/sgl-site
 export VMKV_REQUIRE_SGLANG=1 VMKV_GPU_MODEL=${VMKV_GPU_MODEL:-/tmp/model}
 rm -rf /tmp/sgl-pytest
-python3 -m pytest -q -p no:cacheprovider --basetemp=/tmp/sgl-pytest tests/test_gpu_sglang.py ${PYTEST_ARGS:-} 2>&1 \
+timeout "${PYTEST_TIMEOUT:-500}" python3 -m pytest -q -p no:cacheprovider --basetemp=/tmp/sgl-pytest \
+  tests/test_gpu_sglang.py ${PYTEST_ARGS:-} 2>&1 \
   | tee "$OUT/pytest-gpu-sglang.log" | tail -25
 status=${PIPESTATUS[0]}
 find /tmp/sgl-pytest -name '*.log' -print0 | tar -czf "$OUT/sglang-logs.tar.gz" --null -T - 2>/dev/null

@@ -21,8 +21,9 @@ PROMPT = "once upon a time there was a tiny model that wrote stories " * 6
 
 def vmkv_ls(segment: str) -> dict[str, dict]:
     out = subprocess.run(
-        [sys.executable, "-m", "vmkv", "ls", "--json", "--segment", segment], capture_output=True, text=True
-    )
+        [sys.executable, "-m", "vmkv", "ls", "--json", "--segment", segment],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
     assert out.returncode == 0, out.stderr
     return {i["name"]: i for i in json.loads(out.stdout)["segments"][0]["instances"]}
 

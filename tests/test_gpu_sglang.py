@@ -33,7 +33,7 @@ SMALL_GRAPHS = ("--cuda-graph-max-bs", "16")  # capturing SGLang's default sizes
 
 
 def sglang_env(vmkv: bool, **settings: str) -> dict[str, str]:
-    env = server_env(vmkv, VMKV_PAGE_BYTES=str(PAGE), **settings)
+    env = server_env(vmkv, VMKV_PAGE_BYTES=str(PAGE), PYTHONFAULTHANDLER="1", **settings)
     if SGLANG_PATH:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (SGLANG_PATH, env.get("PYTHONPATH")) if p)
     return env
@@ -117,7 +117,13 @@ def test_sglang_and_vllm_share_one_budget_on_the_gpu(tmp_path: Path, segment: st
 
         def sgl_burst(tag: str) -> list[str]:
             with ThreadPoolExecutor(16) as pool:
-                return list(pool.map(lambda i: sgl.complete(f"{tag} {i}: " + long_prompt, 64), range(24)))
+                prompts = [f"{tag} {i}: " + long_prompt for i in range(24)]
+                texts = pool.map(lambda prompt: sgl.complete(prompt, 64), prompts, timeout=120)
+                try:
+                    return list(texts)
+                except TimeoutError:
+                    sgl.dump_stacks()
+                    raise
 
         assert all(sgl_burst("first"))  # SGLang busy first: its radix cache keeps the KV
         before = vmkv_ls(segment)
