@@ -6,6 +6,8 @@
 #   bash scripts/gpu_vllm.sh bench   throughput on vmkv / vanilla, 886M model in /tmp/model
 #                                    (BENCH_ARGS=--cuda-graphs: vLLM's default, not eager)
 #   bash scripts/gpu_vllm.sh coloc   the co-location benchmark, static split vs vmkv, 886M model
+#                                    (ENGINES=vllm,sgl: SGLang instances too, after
+#                                    `bash scripts/gpu_sglang.sh install`)
 # MODEL=8b (bench, coloc): a random model of Llama-3-8B's geometry in /tmp/model8b instead,
 # made here on the GPU (16 GB); decoding it is bound by the GPU, not by the engine's Python.
 set -uo pipefail
@@ -14,6 +16,7 @@ OUT=${OUT:-/tmp/vmkv-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0
 export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+[ -d /tmp/sgl-site/sglang ] && export VMKV_SGLANG_PATH=/tmp/sgl-site  # see gpu_sglang.sh
 if ls .whl/*.whl >/dev/null 2>&1; then  # posix_ipc, which the image lacks
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > "$OUT/wheels.log" 2>&1
 fi

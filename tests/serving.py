@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "engine_integration" / "benchmark"))
-from servers import Server, SglangServer, VllmServer, server_env, tiny_model
+from servers import Server, SglangServer, VllmServer, kv_bytes_per_token, server_env, sglang_env, tiny_model
 
 __all__ = [
-    "PROMPT", "SglangServer", "VllmServer", "burst", "peak_held", "server_env", "tiny_model", "vmkv_ls",
+    "PROMPT", "SglangServer", "VllmServer", "burst", "kv_bytes_per_token", "peak_held", "server_env",
+    "sglang_env", "tiny_model", "vmkv_ls",
 ]  # fmt: skip
 
 PROMPT = "once upon a time there was a tiny model that wrote stories " * 6

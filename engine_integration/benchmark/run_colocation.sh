@@ -4,7 +4,8 @@
 # throughput, memory timeline, one JSON line last).
 #
 #   run_colocation.sh OUT_DIR [client args...]
-#   env: INSTANCES (2), BUDGET (16M), SERVER_ARGS (more start_server.sh arguments)
+#   env: INSTANCES (2), BUDGET (16M), ENGINES (vllm; or sgl, vllm,sgl on a GPU),
+#        SERVER_ARGS (more start_server.sh arguments)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -17,7 +18,7 @@ running=""
 trap '[ -z "$running" ] || bash "$here/start_server.sh" stop --run-dir "$running"' EXIT
 for mode in static vmkv; do
   # shellcheck disable=SC2086  # SERVER_ARGS is a list of arguments
-  bash "$here/start_server.sh" vllm --run-dir "$out/$mode" --mode "$mode" \
+  bash "$here/start_server.sh" "${ENGINES:-vllm}" --run-dir "$out/$mode" --mode "$mode" \
     --instances "${INSTANCES:-2}" --budget "${BUDGET:-16M}" ${SERVER_ARGS:-}
   running="$out/$mode"
   bash "$here/start_client.sh" "$out/$mode" "$@" --json | tee "$out/$mode/client.txt"

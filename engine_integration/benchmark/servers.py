@@ -45,6 +45,23 @@ def server_env(vmkv: bool, one_process: bool | None = None, **settings: str) -> 
     return env
 
 
+def sglang_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for an SGLang server: VMKV_SGLANG_PATH, a site directory holding SGLang (the
+    GPU machine keeps it apart from vLLM's packages), goes first on its path."""
+    site = os.environ.get("VMKV_SGLANG_PATH")
+    if not site:
+        return env
+    return {**env, "PYTHONPATH": os.pathsep.join(p for p in (site, env.get("PYTHONPATH")) if p)}
+
+
+def kv_bytes_per_token(model: Path, itemsize: int = 2) -> int:
+    """K and V of every layer of the Llama-style model in ``model``, for one token."""
+    config = json.loads((model / "config.json").read_text())
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    return 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", heads) * head_dim * itemsize
+
+
 def tiny_model() -> Path:
     """The tiny random Llama of scripts/make_tiny_model.py, made once per user cache."""
     out = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vmkv" / "tiny-llama"
@@ -89,6 +106,13 @@ class Server:
         )  # fmt: skip
         with urllib.request.urlopen(request, timeout=300) as reply:
             return json.loads(reply.read())["choices"][0]["text"]
+
+    def dump_stacks(self) -> None:
+        """Every process of the server prints its threads' stacks to the log and dies
+        (for a server that hangs; its environment must set PYTHONFAULTHANDLER=1)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGABRT)
+            self.proc.wait(timeout=60)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
