@@ -36,6 +36,9 @@ from pathlib import Path
 from common import emit
 
 SYSTEM_PROMPTS = 4
+# SGLang admits at most context - 2 tokens per request (it clips max_new_tokens to
+# max_req_len - input_len - 1, with max_req_len = context - 1); vLLM admits context.
+CONTEXT_MARGIN = 2
 FIRST_TOKEN, LAST_TOKEN = 5, 1000  # ids every test model's vocabulary has
 
 
@@ -81,7 +84,7 @@ def schedule(args: argparse.Namespace, names: list[str], max_model_len: int) -> 
             if rng.random() >= rate / top:
                 continue
             output = _lognormal(rng, args.output_len, 1, max_model_len // 4)
-            question = _lognormal(rng, args.prompt_len, 1, max_model_len - output - args.shared_prefix - 1)
+            question = _lognormal(rng, args.prompt_len, 1, max_model_len - output - args.shared_prefix - CONTEXT_MARGIN)
             prompt = rng.choice(systems) + [rng.randrange(FIRST_TOKEN, LAST_TOKEN) for _ in range(question)]
             arrivals.append(Arrival(t, name, prompt, output))
     return sorted(arrivals, key=lambda a: a.at)

@@ -7,7 +7,8 @@
 #                                    (BENCH_ARGS=--cuda-graphs: vLLM's default, not eager)
 #   bash scripts/gpu_vllm.sh coloc   the co-location benchmark, static split vs vmkv, 886M model
 #                                    (ENGINES=vllm,sgl: SGLang instances too, after
-#                                    `bash scripts/gpu_sglang.sh install`)
+#                                    `bash scripts/gpu_sglang.sh install`; MODES=static, then
+#                                    MODES=vmkv: one mode per call, the report after both)
 # MODEL=8b (bench, coloc): a random model of Llama-3-8B's geometry in /tmp/model8b instead,
 # made here on the GPU (16 GB); decoding it is bound by the GPU, not by the engine's Python.
 set -uo pipefail
@@ -52,8 +53,8 @@ coloc)  # the run stays in /tmp/vmkv-coloc; $OUT gets what fits its 8-file limit
     bash engine_integration/benchmark/run_colocation.sh "$run" --duration "${DURATION:-60}" --phase "${PHASE:-15}" \
     --rate-on "${RATE_ON:-3.5}" --rate-off 0.5 --prompt-len 512 --output-len 256 --shared-prefix 128 \
     2>&1 | tee "$OUT/coloc.txt" | grep -v '^{"date'
-  cp "$run/ttft_cdf.png" "$OUT/coloc-ttft_cdf.png"; cp "$run/vmkv/memory.png" "$OUT/coloc-memory.png"
-  cp "$run/static/summary.json" "$OUT/coloc-static.json"; cp "$run/vmkv/summary.json" "$OUT/coloc-vmkv.json"
-  cp "$run/vmkv/memory.csv" "$OUT/coloc-memory.csv" ;;
+  for file in ttft_cdf.png vmkv/memory.png static/summary.json vmkv/summary.json vmkv/memory.csv; do
+    [ -f "$run/$file" ] && cp "$run/$file" "$OUT/coloc-${file//\//-}"
+  done ;;
 *) echo "usage: gpu_vllm.sh setup|tests|bench|coloc"; exit 2 ;;
 esac

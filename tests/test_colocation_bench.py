@@ -39,11 +39,18 @@ def test_schedule_is_reproducible_bursty_and_fits_the_context():
     for name in names:
         mine = [a for a in arrivals if a.instance == name]
         assert 60 < len(mine) < 200, (name, len(mine))
-    assert all(len(a.prompt) + a.max_tokens < 1024 and a.max_tokens >= 1 for a in arrivals)
+    assert all(len(a.prompt) + a.max_tokens <= 1024 - 2 and a.max_tokens >= 1 for a in arrivals)
     prefixes = {tuple(a.prompt[:64]) for a in arrivals}
     assert 1 < len(prefixes) <= 4, "each prompt opens with one of four shared system prompts"
     lengths = sorted(len(a.prompt) - 64 for a in arrivals)
     assert lengths[0] < 256 < lengths[-1], "prompt lengths spread around their mean"
+
+
+def test_long_prompts_are_cut_to_what_both_engines_admit():
+    """SGLang clips a request longer than context - 2 tokens (one token short of what it
+    was asked for); the schedule must never ask for that."""
+    arrivals = schedule(traffic(prompt_len=4000), ["m0"], max_model_len=1024)
+    assert max(len(a.prompt) + a.max_tokens for a in arrivals) == 1024 - 2
 
 
 def test_percentile_is_nearest_rank():

@@ -5,7 +5,8 @@
 #
 #   run_colocation.sh OUT_DIR [client args...]
 #   env: INSTANCES (2), BUDGET (16M), ENGINES (vllm; or sgl, vllm,sgl on a GPU),
-#        SERVER_ARGS (more start_server.sh arguments)
+#        SERVER_ARGS (more start_server.sh arguments),
+#        MODES (static vmkv; one mode alone reruns it, and the report needs both runs)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -16,7 +17,7 @@ out=$(cd "$1" && pwd)
 shift
 running=""
 trap '[ -z "$running" ] || bash "$here/start_server.sh" stop --run-dir "$running"' EXIT
-for mode in static vmkv; do
+for mode in ${MODES:-static vmkv}; do
   # shellcheck disable=SC2086  # SERVER_ARGS is a list of arguments
   bash "$here/start_server.sh" "${ENGINES:-vllm}" --run-dir "$out/$mode" --mode "$mode" \
     --instances "${INSTANCES:-2}" --budget "${BUDGET:-16M}" ${SERVER_ARGS:-}
@@ -25,5 +26,6 @@ for mode in static vmkv; do
   bash "$here/start_server.sh" stop --run-dir "$out/$mode"
   running=""
 done
+[ -f "$out/static/summary.json" ] && [ -f "$out/vmkv/summary.json" ] || exit 0
 (cd "$root/benchmarks" && "$PYTHON" colocation_report.py "$out/static/summary.json" "$out/vmkv/summary.json" \
   --out "$out" --json) | tee "$out/report.txt"
