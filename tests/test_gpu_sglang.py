@@ -66,24 +66,33 @@ def model() -> Path:
 
 def test_sglang_greedy_outputs_on_the_gpu_are_identical_with_vmkv(tmp_path: Path, segment: str):
     """SGLang's own kernels (triton attention, CUDA graphs) read and write KV slots in
-    CUDA VMM memory mapped a page at a time as its allocator grows."""
-    prompts = [f"request {i}: " + PROMPT for i in range(6)]
-    elastic = sgl_env(True, VMKV_SEGMENT=segment, VMKV_NAME="sgl", VMKV_BUDGET=str(512 * PAGE))
+    CUDA VMM memory mapped a page at a time as its allocator grows. SGLang's
+    release_memory_occupation (KV cache) gives the pages back to the coordinator, and
+    after resume_memory_occupation the server serves the same outputs again."""
+    prompts = [f"request {i}: " + PROMPT * 4 for i in range(6)]  # ~350 tokens: ~3 KV pages in all
+    elastic = sgl_env(
+        True, VMKV_SEGMENT=segment, VMKV_NAME="sgl", VMKV_BUDGET=str(512 * PAGE), VMKV_KEEP_FREE_PAGES="0"
+    )
     texts: dict[str, list[str]] = {}
-    listed: dict = {}
+    held: dict[str, int] = {}
     for label, env in (("vanilla", sgl_env(False)), ("vmkv", elastic)):
         server = SglangServer(model(), env, tmp_path / f"{label}.log", 16384, extra_args=SMALL_GRAPHS)
         try:
             server.wait_ready(600)
             texts[label] = [server.complete(p, 32) for p in prompts]  # one at a time: same batches
             if label == "vmkv":
-                listed = vmkv_ls(segment)["sgl"]
+                held["served"] = vmkv_ls(segment)["sgl"]["held"]
+                server.post("/release_memory_occupation", {"tags": ["kv_cache"]})
+                held["released"] = vmkv_ls(segment)["sgl"]["held"]
+                server.post("/resume_memory_occupation", {"tags": ["kv_cache"]})
+                texts["resumed"] = [server.complete(p, 32) for p in prompts]
         finally:
             server.stop()
         assert "memory leak" not in server.log.read_text()
     assert all(texts["vanilla"])
     assert texts["vmkv"] == texts["vanilla"]
-    assert listed["held"] > 0, listed
+    assert 0 < held["released"] < held["served"], held  # the padding slot's page stays
+    assert texts["resumed"] == texts["vanilla"]
 
 
 def test_sglang_and_vllm_share_one_budget_on_the_gpu(tmp_path: Path, segment: str):

@@ -156,6 +156,32 @@ def test_token_allocator_maps_pages_on_demand_and_data_survives(stacks):
     assert allocator.available_size() == 20000
 
 
+def test_mla_pool_keeps_one_latent_buffer_per_layer_in_the_kv_space(stacks):
+    """DeepSeek-style pools store one compressed latent row (kv_lora_rank + rope dims) per
+    token and layer; vmkv maps them a page at a time like the MHA pool's K and V."""
+    lora_rank, rope_dims = 96, 32  # a row of 128 fp16 values: 256 B, 8192 tokens a page
+    pool = memory_pool.MLATokenToKVPool(40000, 1, torch.float16, lora_rank, rope_dims, LAYERS, "cpu", False)
+    stacks.append(pool.vmkv)
+    space = pool.vmkv.space
+    assert len(pool.kv_buffer) == LAYERS
+    for buffer in pool.kv_buffer:
+        assert buffer.shape == (40001, 1, lora_rank + rope_dims) and buffer.dtype == torch.float16
+        assert space.base <= buffer.data_ptr() < space.base + space.nbytes
+    assert [int(p) for p in pool.data_ptrs] == [b.data_ptr() for b in pool.kv_buffer]
+    assert mapped(pool) == 1
+    allocator = token_allocator(pool)
+    rows = PAGE // 256
+    ids = allocator.alloc(2 * rows)
+    assert ids is not None and mapped(pool) == 3
+    latents = torch.randn(len(ids), 1, lora_rank + rope_dims).half()
+    for layer in range(LAYERS):
+        pool.kv_buffer[layer][ids] = latents * (layer + 1)
+    assert allocator.alloc(rows) is not None and mapped(pool) == 4
+    for layer in range(LAYERS):
+        assert torch.equal(pool.get_key_buffer(layer)[ids], latents * (layer + 1))
+    assert pool.vmkv.pool.stats().in_use == 4 * LAYERS  # one physical page per layer per KV page
+
+
 def test_an_allocation_past_the_budget_is_a_miss_that_changes_nothing(stacks):
     pool = make_pool(stacks, 60000)  # 15 KV pages of space, 10 of budget
     allocator = token_allocator(pool)

@@ -97,15 +97,20 @@ class Server:
                 time.sleep(0.5)
         raise RuntimeError(f"server on port {self.port} not ready in {timeout} s; see {self.log}")
 
-    def complete(self, prompt: str, max_tokens: int = 24) -> str:
-        """Greedy completion of ``prompt``."""
-        fields = {"model": self.name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    def post(self, path: str, fields: dict) -> dict:
+        """POSTs ``fields`` as JSON to ``path``; the reply's JSON object ({} for none)."""
         request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}/v1/completions", json.dumps(fields).encode(),
+            f"http://127.0.0.1:{self.port}{path}", json.dumps(fields).encode(),
             {"Content-Type": "application/json"},
         )  # fmt: skip
         with urllib.request.urlopen(request, timeout=300) as reply:
-            return json.loads(reply.read())["choices"][0]["text"]
+            body = reply.read()
+        return (json.loads(body) if body.strip() else None) or {}
+
+    def complete(self, prompt: str, max_tokens: int = 24) -> str:
+        """Greedy completion of ``prompt``."""
+        fields = {"model": self.name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+        return self.post("/v1/completions", fields)["choices"][0]["text"]
 
     def dump_stacks(self) -> None:
         """Every process of the server prints its threads' stacks to the log and dies
