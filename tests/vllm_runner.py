@@ -72,9 +72,9 @@ def count_events(counts: dict[str, int]) -> None:
 
 
 def run_in_debt(llm, prompts: list[str], params) -> dict:
-    """Steps the engine by hand: the first half of ``prompts`` starts, the instance is put
-    in debt for every page it maps (with vmkv), the second half arrives. Returns the
-    texts and, per request, the step of its first token and of its end."""
+    """Steps the engine by hand: the first half of ``prompts`` starts, another instance
+    reclaims every page this one could give (with vmkv), the second half arrives. Returns
+    the texts and, per request, the step of its first token and of its end."""
     engine = llm.llm_engine
     first, second = prompts[: len(prompts) // 2], prompts[len(prompts) // 2 :]
     texts: dict[int, str] = {}
@@ -100,9 +100,9 @@ def run_in_debt(llm, prompts: list[str], params) -> dict:
     if os.environ.get("VMKV") == "1":
         from vmkv.integration.vllm.worker import current_worker
 
-        pool = current_worker().stack.pool
-        owed = pool.stats().in_use
-        pool.owe(owed)
+        reclaimer = current_worker().stack.reclaimer
+        owed = reclaimer.payable()
+        reclaimer.reclaim(owed)  # what the cached blocks cannot pay at once stays owed
     for index, prompt in enumerate(second, start=len(first)):
         engine.add_request(str(index), prompt, params)
     while engine.has_unfinished_requests():

@@ -12,14 +12,18 @@ things:
 New blocks come from the allocator first (page-aware, leased), and from evicting cached
 blocks (vLLM's own LRU) only when the lease cannot grow. The free count is what can
 really be had now: empty blocks on mapped pages, cached free blocks, and what the
-coordinator would grant from free budget. While the instance owes others pages, it is 0
-for a request being admitted (not for one already running): a freed block reused by a
+coordinator would grant from free budget. While the instance owes others pages, a
+scheduling step admits no new request (``wrap_schedule``): a freed block reused by a
 new request keeps its page from emptying, and the instance would pay only once its whole
 queue drained. Running requests keep growing, since preempting them would only
-recompute their tokens later. When a request does not fit, the pool leases what
-it lacks in the background (``on_shortfall``), taking other instances' idle pages, so
-the request fits a step later. When another instance needs memory, reclaim takes whole
-pages of cold cached blocks, spilling them to the host tier first.
+recompute their tokens later. When the first waiting request does not fit, the pool
+leases what it lacks in the background (``on_shortfall``), taking other instances' idle
+pages, so the request fits a step later. When another instance needs memory, reclaim
+takes whole pages of cold cached blocks, spilling them to the host tier first.
+
+The hooks work per scheduling step, not per request: vLLM calls allocate_slots and the
+free count for every request of every step, and whatever vmkv adds there is paid that
+many times over.
 
 Every method that touches the free queue or the hash map holds the allocator's lock:
 reclaim runs on the coordinator's thread.
@@ -69,8 +73,8 @@ class VmkvBlockPool(BlockPool):
         self._step_hits: set[int] = set()
         self._scheduling = False
         self._step_blocks = 0  # new blocks taken in this scheduling step: mapped ahead after it
-        # False while allocate_slots serves a running request: the debt does not stop it.
-        self.admitting = True
+        self._pages = worker.stack.pool
+        self._grantable, self._grantable_changes = 0, -1
         self.reloaded_blocks = 0
         super().__init__(num_gpu_blocks, enable_caching, hash_block_size, *args, **kwargs)
         self._lock = self._allocator.lock
@@ -98,13 +102,19 @@ class VmkvBlockPool(BlockPool):
         get_new_blocks absorbs (it asks the coordinator again)."""
         if self._counting_everything:  # inside reset_prefix_cache: vLLM's own accounting
             return self.num_gpu_blocks - 1 - self._num_referenced()
-        if self.admitting and self._stack.owes():
-            return 0
         return (
             self._allocator.num_free_mapped_blocks()
             + self.free_block_queue.num_free_blocks
-            + self._stack.grantable_blocks()
+            + self._grantable_blocks()
         )
+
+    def _grantable_blocks(self) -> int:
+        """KVStack.grantable_blocks, read once per scheduling step and again whenever this
+        instance's pages change (the mapper's included): vLLM asks for every request."""
+        changes = self._pages.changes
+        if not self._scheduling or changes != self._grantable_changes:
+            self._grantable, self._grantable_changes = self._stack.grantable_blocks(), changes
+        return self._grantable
 
     def get_usage(self) -> float:
         return self._num_referenced() / max(1, self.num_gpu_blocks - 1)
@@ -112,6 +122,9 @@ class VmkvBlockPool(BlockPool):
     def _num_referenced(self) -> int:
         with self._lock:
             return self._allocator.stats().used_blocks - self.free_block_queue.num_free_blocks
+
+    def owes(self) -> bool:
+        return self._stack.owes()
 
     def on_shortfall(self, tokens: int) -> None:
         """A request of ``tokens`` more tokens did not fit: lease the blocks it lacks for
@@ -179,6 +192,7 @@ class VmkvBlockPool(BlockPool):
         with self._lock:
             self._scheduling = True
             self._step_blocks = 0
+            self._grantable_changes = -1  # the others' use of the budget moved meanwhile
         try:
             yield
         finally:
@@ -270,40 +284,31 @@ class VmkvBlockPool(BlockPool):
             self._maybe_evict_cached_block(block)
 
 
-def wrap_allocate_slots(original: Callable[..., Any]) -> Callable[..., Any]:
-    """``KVCacheManager.allocate_slots`` that tells a vmkv pool whether the request is
-    running (its free count then ignores the debt) and when a request did not fit."""
-    from vllm.v1.request import RequestStatus
+def wrap_schedule(original: Callable[..., Any], admission_limit: str) -> Callable[..., Any]:
+    """``Scheduler.schedule`` inside its vmkv pool's ``scheduling_step``.
 
-    running = RequestStatus.RUNNING
-
-    @functools.wraps(original)
-    def allocate_slots(self: Any, request: Any, num_new_tokens: int, *args: Any, **kwargs: Any) -> Any:
-        pool = self.block_pool
-        if not isinstance(pool, VmkvBlockPool):
-            return original(self, request, num_new_tokens, *args, **kwargs)
-        pool.admitting = request.status is not running
-        try:
-            blocks = original(self, request, num_new_tokens, *args, **kwargs)
-        finally:
-            pool.admitting = True
-        if blocks is None:
-            remaining = max(num_new_tokens, request.num_tokens - request.num_computed_tokens)
-            pool.on_shortfall(remaining + kwargs.get("num_lookahead_tokens", 0))
-        return blocks
-
-    return allocate_slots
-
-
-def wrap_schedule(original: Callable[..., Any]) -> Callable[..., Any]:
-    """``Scheduler.schedule`` inside its vmkv pool's ``scheduling_step``."""
+    While the instance owes, the step's admission limit (the scheduler attribute named
+    ``admission_limit``: it admits no request past it) is the number already running, so
+    only running requests are scheduled. After the step, the first waiting request (a new
+    one, or one preempted because the lease could not grow) leases what it lacks."""
 
     @functools.wraps(original)
     def schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
         pool = self.kv_cache_manager.block_pool
         if not isinstance(pool, VmkvBlockPool):
             return original(self, *args, **kwargs)
-        with pool.scheduling_step():
-            return original(self, *args, **kwargs)
+        limit = getattr(self, admission_limit)
+        owes = pool.owes()
+        if owes:
+            setattr(self, admission_limit, min(limit, len(self.running)))
+        try:
+            with pool.scheduling_step():
+                output = original(self, *args, **kwargs)
+        finally:
+            setattr(self, admission_limit, limit)
+        if self.waiting and not owes:
+            first = self.waiting.peek_request()
+            pool.on_shortfall(first.num_tokens - first.num_computed_tokens)
+        return output
 
     return schedule
