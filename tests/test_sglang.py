@@ -320,6 +320,7 @@ def test_flush_cache_gives_back_everything_but_the_padding_page(stacks):
     assert mapped(pool) == 5
     allocator.clear()  # what flush_cache and release_memory_occupation end in
     assert mapped(pool) == 1 and len(allocator.free_pages) == TOKENS_PER_PAGE - 1
+    assert pool.vmkv.pool.stats().held == PHYSICAL_PER_KV_PAGE  # the lease shrank with it
     assert allocator.alloc(10000) is not None  # resume: pages map again on demand
 
 

@@ -145,9 +145,12 @@ class ElasticIds:
     # -- SGLang's allocator interface ------------------------------------------------------
 
     def clear(self) -> None:
+        """Every id is free again (flush_cache, release_memory_occupation): back to page 0
+        alone, and the other pages' memory goes back to the device and the coordinator."""
         super().clear()
-        if self._ids is not None:  # every id is free again: back to page 0 alone
+        if self._ids is not None:
             self._ids.release_all()
+            self._stack.pool.trim()
             self.free_pages = self._ids.initial()
 
     def available_size(self) -> int:
