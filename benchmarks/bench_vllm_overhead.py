@@ -99,7 +99,12 @@ def main() -> None:
         vanilla_rate, vmkv_rate = sides[False]["tokens_per_s"], sides[True]["tokens_per_s"]
         ratio = vmkv_rate / vanilla_rate
         rows.append({"vanilla_tok_s": vanilla_rate, "vmkv_tok_s": vmkv_rate, "ratio": ratio})
-        print(f"round {round_}: vanilla {vanilla_rate:.0f} tok/s, vmkv {vmkv_rate:.0f} tok/s", flush=True)
+        batches = {vmkv: " ".join(f"{r:.0f}" for r in sides[vmkv]["all_tokens_per_s"]) for vmkv in order}
+        print(
+            f"round {round_}: vanilla {vanilla_rate:.0f} tok/s, vmkv {vmkv_rate:.0f} tok/s "
+            f"(every batch: vanilla {batches[False]}, vmkv {batches[True]})",
+            flush=True,
+        )
     ratios = sorted(r["ratio"] for r in rows)
     ratio = statistics.median(ratios)
     print(f"vmkv / vanilla throughput: {ratio:.3f}, rounds {ratios[0]:.3f}..{ratios[-1]:.3f} (goal >= 0.99)")

@@ -84,7 +84,8 @@ def schedule(args: argparse.Namespace, names: list[str], max_model_len: int) -> 
             if rng.random() >= rate / top:
                 continue
             output = _lognormal(rng, args.output_len, 1, max_model_len // 4)
-            question = _lognormal(rng, args.prompt_len, 1, max_model_len - output - args.shared_prefix - CONTEXT_MARGIN)
+            room = max_model_len - output - args.shared_prefix - CONTEXT_MARGIN
+            question = _lognormal(rng, args.prompt_len, 1, room)
             prompt = rng.choice(systems) + [rng.randrange(FIRST_TOKEN, LAST_TOKEN) for _ in range(question)]
             arrivals.append(Arrival(t, name, prompt, output))
     return sorted(arrivals, key=lambda a: a.at)
