@@ -119,6 +119,38 @@ print(type(allocator).__name__, hasattr(pool, "vmkv"), len(allocator.free_pages)
         assert (name, on_vmkv, int(free)) == ("TokenToKVPoolAllocator", "False", 8192)
 
 
+def test_a_server_of_several_ranks_is_refused_naming_why(tmp_path: Path):
+    """Two real ranks (a gloo group of two processes, as SGLang's TP=2 scheduler ranks
+    are) each build their pool on vmkv: both stop with the reason, before any KV memory."""
+    script = f"""
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {str(HERE)!r})
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://{tmp_path}/rendezvous", rank=rank, world_size=2)
+import test_sglang as t
+from sglang.srt.plugins import load_plugins
+load_plugins()
+try:
+    t.memory_pool.MHATokenToKVPool(8192, 1, torch.float16, 4, 64, 2, "cpu", False)
+except Exception as error:
+    print(type(error).__name__, error)
+"""
+    env = {**os.environ, "VMKV": "1", "VMKV_SEGMENT": f"/vmkv-{os.getuid()}-sgltp{os.getpid()}"}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE / "stand_ins"), env.get("PYTHONPATH", "")])
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(rank)], env=env, stdout=subprocess.PIPE, text=True
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [rank.communicate(timeout=300)[0] for rank in ranks]
+    for output in outputs:
+        assert (
+            "UnsupportedParallelism vmkv supports one worker per SGLang engine so far; this one has 2 ranks"
+            in output
+        )
+
+
 def test_pool_buffers_live_in_the_kv_space_with_sglangs_shapes(stacks):
     pool = make_pool(stacks, 20000)
     space = pool.vmkv.space

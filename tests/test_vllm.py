@@ -206,7 +206,7 @@ def test_tensor_parallel_is_refused_at_startup_naming_why(tiny_model, segment):
     runner += ["--tensor-parallel-size", "2"]
     out = subprocess.run(runner, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode != 0
-    refusal = "vmkv supports one worker per engine so far; this engine has tensor parallel size 2"
+    refusal = "vmkv supports one worker per vLLM engine so far; this one has tensor parallel size 2"
     assert refusal in out.stdout + out.stderr
     listed = subprocess.run(
         [sys.executable, "-m", "vmkv", "ls", "--json", "--segment", segment], capture_output=True, text=True

@@ -28,6 +28,17 @@ class UnsupportedVersion(RuntimeError):
     pass
 
 
+class UnsupportedParallelism(RuntimeError):
+    """An engine of several ranks: vmkv maps a page in the process that decides it, and
+    does not yet carry that decision to the other ranks' processes."""
+
+    def __init__(self, engine: str, parallelism: str) -> None:
+        super().__init__(
+            f"vmkv supports one worker per {engine} engine so far; this one has {parallelism}. "
+            f"Unset VMKV to run {engine} without vmkv."
+        )
+
+
 def release_line(version: str, supported: tuple[str, ...] = ()) -> str:
     """The entry of ``supported`` that ``version`` falls under, else its major.minor."""
     match = re.match(r"^(\d+)\.(\d+)(?:\.(\d+))?", version)

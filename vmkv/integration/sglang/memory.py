@@ -28,6 +28,7 @@ import torch
 
 from vmkv.allocator.paged_ids import PagedIds
 from vmkv.integration.sglang.radix import RadixSpill
+from vmkv.integration.versions import UnsupportedParallelism
 from vmkv.spill import Namespace
 from vmkv.stack import KVStack, StackSettings
 
@@ -41,9 +42,19 @@ def _device(name: str) -> torch.device:
     return device
 
 
+def check_single_rank() -> None:
+    """Raises UnsupportedParallelism in a server of several ranks (tensor, pipeline or
+    attention data parallel): each rank's scheduler runs its own pool and must decide
+    exactly as the others do, which a lease of its own would break."""
+    distributed = torch.distributed
+    if distributed.is_available() and distributed.is_initialized() and distributed.get_world_size() > 1:
+        raise UnsupportedParallelism("SGLang", f"{distributed.get_world_size()} ranks")
+
+
 def vmkv_buffers(pool: Any, shapes: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
     """Tensors of ``shapes`` (token rows first) for ``pool``, from a new KV stack that the
     pool keeps as ``pool.vmkv``."""
+    check_single_rank()
     page, rows, dtype = pool.page_size, pool.size + pool.page_size, pool.store_dtype
     block_bytes = [page * math.prod(shape[1:]) * dtype.itemsize for shape in shapes]
     model = os.environ.get("VMKV_MODEL", "sglang")

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmkv.allocator.kv_space import blocks_are_outermost
 from vmkv.allocator.tensors import tensor_at
+from vmkv.integration.versions import UnsupportedParallelism
 from vmkv.stack import KVStack, StackSettings, capacity_bytes
 
 if TYPE_CHECKING:
@@ -49,9 +50,6 @@ _profiling = False  # inside a profiling-only KV allocation (vLLM's minimal CUDA
 class UnsupportedKVLayout(RuntimeError):
     pass
 
-
-class UnsupportedParallelism(RuntimeError):
-    pass
 
 
 def current_worker() -> WorkerKV:
@@ -290,9 +288,7 @@ def wrap_worker_init(original: Callable[..., None]) -> Callable[..., None]:
 
 
 def check_single_process(parallel: Any) -> None:
-    """Raises UnsupportedParallelism unless the engine is one scheduler and one worker:
-    vmkv maps a page in the process that decides it, and does not yet carry that decision
-    to other ranks' processes."""
+    """Raises UnsupportedParallelism unless the engine is one scheduler and one worker."""
     sizes = {
         "tensor": parallel.tensor_parallel_size,
         "pipeline": parallel.pipeline_parallel_size,
@@ -300,10 +296,7 @@ def check_single_process(parallel: Any) -> None:
     }
     if any(size > 1 for size in sizes.values()):
         used = ", ".join(f"{kind} parallel size {size}" for kind, size in sizes.items() if size > 1)
-        raise UnsupportedParallelism(
-            f"vmkv supports one worker per engine so far; this engine has {used}. "
-            "Unset VMKV to run it without vmkv."
-        )
+        raise UnsupportedParallelism("vLLM", used)
 
 
 def torch_device(kind: str, index: int) -> torch.device:
