@@ -51,7 +51,6 @@ class UnsupportedKVLayout(RuntimeError):
     pass
 
 
-
 def current_worker() -> WorkerKV:
     """The KV cache of this process's worker (the scheduler shares its process at TP=1)."""
     if _worker is None:
