@@ -63,3 +63,17 @@ def tensor_at(kind: str, device: int, address: int, dtype: torch.dtype, shape: S
     else:
         raise ValueError(f"unknown backend {kind!r}")
     return raw.view(dtype).view(tuple(shape))
+
+
+def torch_device(name: str, index: int | None = None) -> torch.device:
+    """The torch device an engine names ("cpu", "cuda", "cuda:1", "npu"): the host as
+    plain "cpu"; an accelerator at ``index``, else at the index in ``name``, else at the
+    current one."""
+    import torch
+
+    device = torch.device(name)
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if index is None:
+        index = device.index if device.index is not None else torch.get_device_module(device).current_device()
+    return torch.device(device.type, index)

@@ -27,19 +27,13 @@ from typing import Any
 import torch
 
 from vmkv.allocator.paged_ids import PagedIds
+from vmkv.allocator.tensors import torch_device
 from vmkv.integration.sglang.radix import RadixSpill
 from vmkv.integration.versions import UnsupportedParallelism
 from vmkv.spill import Namespace
 from vmkv.stack import KVStack, StackSettings
 
 log = logging.getLogger("vmkv")
-
-
-def _device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type != "cpu" and device.index is None:
-        device = torch.device(device.type, torch.get_device_module(device.type).current_device())
-    return device
 
 
 def check_single_rank() -> None:
@@ -59,7 +53,7 @@ def vmkv_buffers(pool: Any, shapes: Sequence[tuple[int, ...]]) -> list[torch.Ten
     block_bytes = [page * math.prod(shape[1:]) * dtype.itemsize for shape in shapes]
     model = os.environ.get("VMKV_MODEL", "sglang")
     settings = StackSettings.from_env("sglang", model, default_name=f"sglang-{os.getpid()}")
-    stack = KVStack(_device(pool.device), block_bytes, -(-rows // page), settings)
+    stack = KVStack(torch_device(pool.device), block_bytes, -(-rows // page), settings)
     pool.vmkv = stack
     capacity = stack.space.capacity_blocks * page
     return [stack.space.tensor(i, dtype, (capacity, *s[1:]))[:rows] for i, s in enumerate(shapes)]

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vmkv.allocator.kv_space import blocks_are_outermost
-from vmkv.allocator.tensors import tensor_at
+from vmkv.allocator.tensors import tensor_at, torch_device
 from vmkv.integration.versions import UnsupportedParallelism
 from vmkv.stack import KVStack, StackSettings, capacity_bytes
 
@@ -296,12 +296,6 @@ def check_single_process(parallel: Any) -> None:
     if any(size > 1 for size in sizes.values()):
         used = ", ".join(f"{kind} parallel size {size}" for kind, size in sizes.items() if size > 1)
         raise UnsupportedParallelism("vLLM", used)
-
-
-def torch_device(kind: str, index: int) -> torch.device:
-    import torch
-
-    return torch.device(kind) if kind == "cpu" else torch.device(kind, index)
 
 
 def _settings(config: Any = None) -> StackSettings:
