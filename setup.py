@@ -38,6 +38,8 @@ def shared_table(name: str, csrc: str, sources: tuple[str, ...]) -> Pybind11Exte
 
 
 coordinator = shared_table("vmkv.coordinator._table", "vmkv/coordinator/csrc", ("bindings.cpp", "table.cpp"))
-spill_index = shared_table("vmkv.spill._index", "vmkv/spill/csrc", ("bindings.cpp", "index.cpp"))
+spill_index = shared_table(
+    "vmkv.spill._index", "vmkv/spill/csrc", ("bindings.cpp", "index.cpp", "blake2b.cpp")
+)
 
 setup(ext_modules=[extension, coordinator, spill_index], cmdclass={"build_ext": build_ext})

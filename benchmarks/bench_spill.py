@@ -6,8 +6,10 @@ head dim 128 in bf16 = 2 MiB per block, scattered as 64 rows of 32 KiB in vLLM's
 per-layer (2, num_blocks, 16, 8, 128) tensors. On CUDA the tensors live in a vmkv KV
 space (VMM memory) and the tier is page-locked shared memory.
 
-  spill:   store(keys, blocks) + wait(): gather into staging, copy to host slots, publish
+  spill:   store(keys, blocks) + wait(): gather into staging, copy to host slots, publish;
+           keys are 32-byte digests, as vLLM's block hashes are
   restore: retrieve(keys, blocks) + wait(): copy from host slots, scatter into blocks
+  call us: the host's time inside store() / retrieve(), before they return
   floor:   one contiguous device->pinned-host (or host->device) copy of the same bytes;
            on the host backend one memcpy between two contiguous buffers
 
@@ -17,13 +19,16 @@ space (VMM memory) and the tier is page-locked shared memory.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import random
 import statistics
+import time
+from collections.abc import Callable
 
 import torch
 from common import elapsed, emit
 
-from vmkv.spill import Namespace, SpillStore
+from vmkv.spill import Namespace, SpillStore, Transfer
 from vmkv.vmm_ops import open_vmm
 
 
@@ -51,6 +56,16 @@ def kv_tensors(args: argparse.Namespace, num_blocks: int) -> tuple[list[torch.Te
 def sync(backend: str) -> None:
     if backend == "cuda":
         torch.cuda.synchronize()
+
+
+def timed(start: Callable[[], Transfer]) -> tuple[float, float]:
+    """(seconds until ``start`` returned, seconds until its transfer was done): the
+    first is the host's share, before and while the copies run."""
+    began = time.perf_counter()
+    transfer = start()
+    returned = time.perf_counter()
+    transfer.wait()
+    return returned - began, time.perf_counter() - began
 
 
 def floor_seconds(backend: str, nbytes: int, repeats: int) -> tuple[float, float]:
@@ -99,20 +114,22 @@ def main() -> None:
     )
     rows = []
     columns = [("blocks", 7), ("MiB", 8), ("spill GB/s", 11), ("floor", 7), ("ratio", 6)]
-    columns += [("restore GB/s", 13), ("floor", 7), ("ratio", 6)]
+    columns += [("restore GB/s", 13), ("floor", 7), ("ratio", 6), ("call us", 16)]
     print(" ".join(f"{name:>{width}}" for name, width in columns))
     for n in batches:
         nbytes = n * slot_bytes
         blocks = random.sample(range(1, num_blocks), n)  # scattered, as in a real cache
-        spill, restore = [], []
+        spill, restore, spill_calls, restore_calls = [], [], [], []
         for rep in range(args.repeats + 1):  # the first round warms up
-            keys = [f"{n}-{rep}-{i}" for i in range(n)]
+            keys = [hashlib.sha256(f"{n}-{rep}-{i}".encode()).digest() for i in range(n)]
             sync(args.backend)
-            spill_s = elapsed(lambda k=keys, b=blocks: store.store(k, b).wait())
-            restore_s = elapsed(lambda k=keys, b=blocks: store.retrieve(k, b).wait())
+            spill_call, spill_s = timed(lambda k=keys, b=blocks: store.store(k, b))
+            restore_call, restore_s = timed(lambda k=keys, b=blocks: store.retrieve(k, b))
             if rep:
                 spill.append(spill_s)
                 restore.append(restore_s)
+                spill_calls.append(spill_call)
+                restore_calls.append(restore_call)
         floor_d2h, floor_h2d = floor_seconds(args.backend, nbytes, args.repeats)
         row = {
             "blocks": n,
@@ -121,6 +138,8 @@ def main() -> None:
             "restore_gbps": nbytes / statistics.median(restore) / 1e9,
             "floor_d2h_gbps": nbytes / floor_d2h / 1e9,
             "floor_h2d_gbps": nbytes / floor_h2d / 1e9,
+            "spill_call_us": statistics.median(spill_calls) * 1e6,
+            "restore_call_us": statistics.median(restore_calls) * 1e6,
         }
         row["spill_vs_floor"] = row["spill_gbps"] / row["floor_d2h_gbps"]
         row["restore_vs_floor"] = row["restore_gbps"] / row["floor_h2d_gbps"]
@@ -128,7 +147,7 @@ def main() -> None:
         print(
             f"{n:>7} {nbytes / 2**20:>8.0f} {row['spill_gbps']:>11.2f} {row['floor_d2h_gbps']:>7.2f} "
             f"{row['spill_vs_floor']:>6.2f} {row['restore_gbps']:>13.2f} {row['floor_h2d_gbps']:>7.2f} "
-            f"{row['restore_vs_floor']:>6.2f}",
+            f"{row['restore_vs_floor']:>6.2f} {row['spill_call_us']:>7.0f}/{row['restore_call_us']:<8.0f}",
             flush=True,
         )
     result = {

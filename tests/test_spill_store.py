@@ -4,6 +4,7 @@ capacity, keys and bad input."""
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
 import stat
@@ -29,7 +30,7 @@ from vmkv.spill import (
     Transfer,
 )
 from vmkv.spill.host_tier import user_tiers
-from vmkv.spill.keys import token_chain
+from vmkv.spill.keys import TierKeys, token_chain
 from vmkv.spill.layout import BlockLayout
 from vmkv.spill.transfer import _GridCopies, _PartCopies
 from vmkv.vmm_ops import open_vmm
@@ -97,12 +98,12 @@ def test_grid_copies_match_part_copies(layout):
     layout_ = BlockLayout(tensors, block_dim)
     assert layout_.grid is not None
     by_grid, by_parts = _GridCopies(layout_.grid, layout_.device), _PartCopies(layout_)
-    blocks = torch.tensor([5, 0, 11])
+    blocks = [5, 0, 11]
     slots = [torch.zeros(3, layout_.slot_bytes, dtype=torch.uint8) for _ in range(2)]
-    by_grid.gather(by_grid.index(blocks), slots[0])
-    by_parts.gather(by_parts.index(blocks), slots[1])
+    by_grid.gather(torch.from_numpy(by_grid.index(blocks)), slots[0])
+    by_parts.gather(torch.from_numpy(by_parts.index(blocks)), slots[1])
     assert torch.equal(slots[0], slots[1])
-    by_grid.scatter(by_grid.index(torch.tensor([1, 2, 3])), slots[0])
+    by_grid.scatter(torch.from_numpy(by_grid.index([1, 2, 3])), slots[0])
     for target, seed in zip([1, 2, 3], [5, 0, 11], strict=True):
         assert block_matches(tensors, block_dim, target, seed)
     assert block_matches(tensors, block_dim, 4, seed=4)
@@ -231,6 +232,37 @@ def test_full_tier_raises_and_changes_nothing(namespace):
         store.close()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_store_of_several_groups_copies_each_and_undoes_all_when_a_later_one_finds_no_room(
+    namespace, device
+):
+    """store() reserves one staging chunk at a time; a later chunk without room gives
+    back what the earlier ones reserved, and nothing of the call becomes visible."""
+    tensors, block_dim = make_kv("vllm", 16, torch.float16, device=device)
+    for block in range(16):
+        fill_block(tensors, block_dim, block, seed=100 + block)
+    store = open_store(tensors, block_dim, namespace, slots=4)
+    store._mover.chunk_blocks = 2  # a group per two blocks
+    index, proc = store.tier.index, store.tier.proc
+    try:
+        store.store([b"a", b"b"], [1, 2]).wait()
+        pinned, _ = index.pin(proc, store._keys_for([b"a", b"b"], [1, 2]))  # reads in flight
+        with pytest.raises(SpillTierFull, match="no room for 2"):
+            store.store([b"c", b"d", b"e", b"f"], [3, 4, 5, 6])  # c, d fit; e, f do not
+        assert store.stats()["writing"] == 0 and store.stats()["valid"] == 2
+        assert store.lookup([b"c"]) == 0
+        index.unpin(proc, pinned)
+
+        transfer = store.store([b"c", b"a", b"d", b"e"], [3, 1, 4, 5])  # a is skipped
+        transfer.wait()
+        assert (transfer.blocks, store.stats()["skipped_blocks"]) == (3, 1)
+        store.retrieve([b"c", b"d", b"e"], [10, 11, 12]).wait()
+        for target, seed in zip([10, 11, 12], [103, 104, 105], strict=True):
+            assert block_matches(tensors, block_dim, target, seed)
+    finally:
+        store.close()
+
+
 def test_pinned_slots_are_not_evicted(namespace):
     tensors, block_dim = make_kv("flat", 16, torch.float16)
     store = open_store(tensors, block_dim, namespace, slots=2)
@@ -292,6 +324,19 @@ def test_namespaces_never_share_keys():
     finally:
         for store in [*stores, other_layout]:
             store.close()
+
+
+@pytest.mark.parametrize("key_bytes", [1, 16, 32])
+def test_tier_keys_are_keyed_blake2b_across_block_boundaries(key_bytes):
+    """The C++ hasher against hashlib: lengths around BLAKE2b's 128-byte blocks, where a
+    counter or last-block mistake would show. Bytes hashes are tagged with b"b"."""
+    key = os.urandom(key_bytes)
+    hashes = [os.urandom(n) for n in (0, 1, 63, 126, 127, 128, 254, 255, 256, 1000)]
+    want = [hashlib.blake2b(b"b" + h, key=key, digest_size=16).digest() for h in hashes]
+    assert TierKeys(key).keys(hashes) == want
+    assert TierKeys(key).key(hashes[3]) == want[3]
+    with pytest.raises(ValueError, match="key is 1 to 64 bytes"):
+        TierKeys(b"")
 
 
 def test_bad_input_is_a_clear_error(namespace):

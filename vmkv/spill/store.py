@@ -136,34 +136,45 @@ class SpillStore:
 
     def store(self, keys: Sequence[BlockHash], blocks: Sequence[int]) -> Transfer:
         """Copy ``blocks`` to the host under ``keys``. Keys already in the tier are
-        skipped. The blocks must not be overwritten until the transfer is done. Raises
-        SpillTierFull, with nothing changed, when there is no room even after eviction."""
-        tier_keys = self._keys_for(keys, blocks)
+        skipped. The blocks must not be overwritten until the transfer is done.
+
+        Keys are hashed and slots reserved one staging chunk at a time, so the first
+        chunk is on the bus while the host works on the next. Raises SpillTierFull when
+        there is no room even after eviction: nothing of this call is then stored
+        (blocks evicted to make room for its earlier chunks stay evicted)."""
+        if len(keys) != len(blocks):
+            raise ValueError(f"{len(keys)} keys for {len(blocks)} blocks")
+        self.layout.check_blocks(blocks)
+        group = self._mover.chunk_blocks
+        index, proc = self.tier.index, self.tier.proc
         with self._lock:
             self._poll_locked()
-            slots = self.tier.index.reserve(self.tier.proc, tier_keys)
-            if slots is None:
-                raise SpillTierFull(
-                    f"the spill tier ({self.tier.slot_count} blocks) has no room for {len(keys)} more: "
-                    "every slot is being written or read"
-                )
-            chosen = [(slot, block) for slot, block in zip(slots, blocks, strict=True) if slot >= 0]
-            reserved = [slot for slot, _ in chosen]
+            saving = self._mover.save(blocks)
+            reserved: list[int] = []
             try:
-                completion = self._mover.save(runs_of(reserved, [block for _, block in chosen]))
+                for start in range(0, len(keys), group):
+                    slots = index.reserve(proc, self._tier_keys.keys(keys[start : start + group]))
+                    if slots is None:
+                        raise SpillTierFull(
+                            f"the spill tier ({self.tier.slot_count} blocks) has no room for "
+                            f"{len(keys) - start} more: every slot is being written or read"
+                        )
+                    reserved += [slot for slot in slots if slot >= 0]
+                    saving.group(start, slots)
+                completion = saving.finish()
             except BaseException:
-                self.tier.index.abort(self.tier.proc, reserved)
+                saving.cancel()  # the copies land before their slots can be reused
+                index.abort(proc, reserved)
                 raise
-            self._counters.stored_blocks += len(chosen)
-            self._counters.skipped_blocks += len(blocks) - len(chosen)
-            self._counters.bytes_out += len(chosen) * self.layout.slot_bytes
-            index, proc = self.tier.index, self.tier.proc
+            self._counters.stored_blocks += len(reserved)
+            self._counters.skipped_blocks += len(blocks) - len(reserved)
+            self._counters.bytes_out += len(reserved) * self.layout.slot_bytes
             return self._track(
                 Transfer(
                     completion,
                     finish=lambda: index.commit(proc, reserved),
                     abandon=lambda: index.abort(proc, reserved),  # never published
-                    blocks=len(chosen),
+                    blocks=len(reserved),
                 )
             )
 

@@ -6,7 +6,9 @@ Blocks are therefore gathered on the device into a staging buffer laid out exact
 a run of consecutive host slots, and each run crosses the bus as one large copy. Two
 staging buffers alternate so that the gather of one chunk overlaps the copy of the
 previous one; gathers run on one dedicated stream, copies on another, and neither is the
-engine's compute stream. Completion is an event, polled or waited on.
+engine's compute stream. Completion is an event, polled or waited on. A save is fed one
+chunk at a time (:class:`Saving`) as the store reserves its slots, so that the bus is busy
+with the first chunk while the host hashes the keys of the next.
 
 On the host backend the KV tensors already live in host memory: blocks are gathered
 straight into the slots, synchronously.
@@ -20,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
 
 from vmkv.allocator.tensors import tensor_at
 from vmkv.spill.host_tier import HostTier
@@ -74,6 +78,35 @@ def runs_of(slots: Sequence[int], blocks: Sequence[int]) -> list[Run]:
     return runs
 
 
+def slot_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(position, first slot, count) for each stretch of ``slots`` that ascends by one;
+    negative slots (blocks not to copy) end a stretch and are left out."""
+    out: list[tuple[int, int, int]] = []
+    for position, slot in enumerate(slots):
+        if slot < 0:
+            continue
+        if out and out[-1][0] + out[-1][2] == position and out[-1][1] + out[-1][2] == slot:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
+        else:
+            out.append((position, slot, 1))
+    return out
+
+
+class Saving(Protocol):
+    """One save, fed group by group as the caller reserves host slots, so that the bus
+    starts on the first group while the host still hashes and reserves the next."""
+
+    def group(self, start: int, slots: Sequence[int]) -> None:
+        """Copy blocks ``start .. start + len(slots)`` of the save into ``slots`` (a
+        negative slot: skip that block)."""
+
+    def finish(self) -> Completion:
+        """Completion of every group's copies."""
+
+    def cancel(self) -> None:
+        """Return once every copy launched so far has landed, so its slots can be reused."""
+
+
 def _part_view(rows: torch.Tensor, part_index: int, layout: BlockLayout) -> torch.Tensor:
     """Part ``part_index`` of ``rows`` (n slot-shaped byte rows) as (n, *block_shape)."""
     part = layout.parts[part_index]
@@ -84,11 +117,14 @@ def _part_view(rows: torch.Tensor, part_index: int, layout: BlockLayout) -> torc
 class _PartCopies:
     """Gathers and scatters part by part: works for any layout, one copy per part."""
 
+    rows_per_block = 1
+
     def __init__(self, layout: BlockLayout) -> None:
         self.layout = layout
 
-    def index(self, blocks: torch.Tensor) -> torch.Tensor:
-        return blocks
+    def index(self, blocks: Sequence[int]) -> np.ndarray:
+        """The block ids themselves, which index every part."""
+        return np.asarray(blocks, dtype=np.int64)
 
     def gather(self, index: torch.Tensor, rows: torch.Tensor) -> None:
         for i, part in enumerate(self.layout.parts):
@@ -113,12 +149,15 @@ class _GridCopies:
         )
         # On the CPU: a few thousand row numbers cost less to compute here and upload
         # once than two kernel launches on the device.
-        self._first = torch.tensor(grid.first_rows, dtype=torch.long)
-        self._stride = torch.tensor(grid.block_strides, dtype=torch.long)
+        self._first = np.asarray(grid.first_rows, dtype=np.int64)
+        self._stride = np.asarray(grid.block_strides, dtype=np.int64)
+        self.rows_per_block = len(self._first)
 
-    def index(self, blocks: torch.Tensor) -> torch.Tensor:
-        """(blocks, rows per block): the memory rows of each CPU ``blocks``, in slot order."""
-        return self._first + blocks.unsqueeze(1) * self._stride
+    def index(self, blocks: Sequence[int]) -> np.ndarray:
+        """The memory rows of each of ``blocks`` in turn, in slot order."""
+        rows = np.multiply(np.asarray(blocks, dtype=np.int64)[:, None], self._stride)
+        rows += self._first
+        return rows.reshape(-1)
 
     def _slot_rows(self, rows: torch.Tensor) -> torch.Tensor:
         return rows.view(self.memory.dtype).view(-1, self.memory.shape[1])
@@ -126,46 +165,109 @@ class _GridCopies:
     def gather(self, index: torch.Tensor, rows: torch.Tensor) -> None:
         import torch
 
-        torch.index_select(self.memory, 0, index.reshape(-1), out=self._slot_rows(rows))
+        torch.index_select(self.memory, 0, index, out=self._slot_rows(rows))
 
     def scatter(self, index: torch.Tensor, rows: torch.Tensor) -> None:
-        self.memory.index_copy_(0, index.reshape(-1), self._slot_rows(rows))
+        self.memory.index_copy_(0, index, self._slot_rows(rows))
 
 
 def _copies(layout: BlockLayout) -> _PartCopies | _GridCopies:
     return _PartCopies(layout) if layout.grid is None else _GridCopies(layout.grid, layout.device)
 
 
-class HostMover:
-    """Copies for KV tensors in host memory (the host backend): synchronous."""
+def _chunk_blocks(tier: HostTier, staging_bytes: int) -> int:
+    return max(1, staging_bytes // 2 // tier.slot_stride)
 
-    def __init__(self, layout: BlockLayout, tier: HostTier) -> None:
+
+class HostMover:
+    """Copies for KV tensors in host memory (the host backend): synchronous, straight
+    between the engine's tensors and the slots."""
+
+    def __init__(
+        self, layout: BlockLayout, tier: HostTier, staging_bytes: int = DEFAULT_STAGING_BYTES
+    ) -> None:
         self.layout = layout
         self.tier = tier
+        self.chunk_blocks = _chunk_blocks(tier, staging_bytes)  # the caller's group size
         self._copies = _copies(layout)
 
-    def _runs(self, runs: list[Run]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _index(self, blocks: Sequence[int]) -> torch.Tensor:
         import torch
 
-        return [
-            (self._copies.index(torch.tensor(run.blocks)), self.tier.run(run.first_slot, len(run.blocks)))
-            for run in runs
-        ]
+        return torch.from_numpy(self._copies.index(blocks))
 
-    def save(self, runs: list[Run]) -> Completion:
-        for index, rows in self._runs(runs):
-            self._copies.gather(index, rows)
-        return _Done()
+    def save(self, blocks: Sequence[int]) -> Saving:
+        return _HostSaving(self, blocks)
 
     def load(self, runs: list[Run]) -> Completion:
-        for index, rows in self._runs(runs):
-            self._copies.scatter(index, rows)
+        for run in runs:
+            self._copies.scatter(self._index(run.blocks), self.tier.run(run.first_slot, len(run.blocks)))
         return _Done()
+
+
+class _HostSaving:
+    def __init__(self, mover: HostMover, blocks: Sequence[int]) -> None:
+        self._mover = mover
+        self._blocks = blocks
+
+    def group(self, start: int, slots: Sequence[int]) -> None:
+        mover = self._mover
+        for position, first_slot, count in slot_runs(slots):
+            blocks = self._blocks[start + position : start + position + count]
+            mover._copies.gather(mover._index(blocks), mover.tier.run(first_slot, count))
+
+    def finish(self) -> Completion:
+        return _Done()
+
+    def cancel(self) -> None:
+        return None  # every copy finished inside group()
+
+
+class _IndexUpload:
+    """Each transfer's row index, written into a reused page-locked buffer and uploaded
+    with one asynchronous copy. Allocating and pinning a fresh tensor per transfer cost
+    about as much as launching a chunk's copies."""
+
+    def __init__(self, copies: _PartCopies | _GridCopies, device: torch.device) -> None:
+        import torch
+
+        self._copies = copies
+        self.device = device
+        self._host: np.ndarray = np.empty(0, dtype=np.int64)
+        self._pinned: torch.Tensor | None = None  # owns ``_host``'s memory
+        self._on_device: torch.Tensor | None = None
+        self._read = torch.get_device_module(device).Event()  # the last upload out of ``_host``
+
+    def upload(self, blocks: Sequence[int], stream: torch.Stream) -> torch.Tensor:
+        """The index of ``blocks`` (``rows_per_block`` rows each) on the device, uploaded
+        on ``stream``, which must be the current stream: the device buffer is reused, so
+        only it may read the index."""
+        import torch
+
+        rows = len(blocks) * self._copies.rows_per_block
+        self._read.synchronize()  # long done: one transfer's index is a few KiB
+        if self._host.size < rows:
+            capacity = max(rows, 2 * self._host.size, 1 << 12)
+            self._pinned = torch.empty(capacity, dtype=torch.long, pin_memory=True)
+            self._host = self._pinned.numpy()
+            self._on_device = torch.empty(capacity, dtype=torch.long, device=self.device)
+        assert self._pinned is not None and self._on_device is not None
+        self._host[:rows] = self._copies.index(blocks)
+        index = self._on_device[:rows]
+        index.copy_(self._pinned[:rows], non_blocking=True)
+        self._read.record(stream)
+        return index
 
 
 class StreamMover:
     """Copies for KV tensors on a CUDA or Ascend device: staged, double-buffered and
-    asynchronous on two dedicated streams."""
+    asynchronous on two dedicated streams.
+
+    The host's time before the first copy is time the bus sits idle, so the loops keep
+    Python work low: they switch streams with ``set_stream`` (the ``stream()`` context
+    manager costs tens of microseconds) and restore the caller's stream when done, and
+    they reuse their events (a stream waits on an event as it was when the wait was
+    queued, so re-recording one later is safe)."""
 
     def __init__(
         self, layout: BlockLayout, tier: HostTier, staging_bytes: int = DEFAULT_STAGING_BYTES
@@ -176,18 +278,24 @@ class StreamMover:
         self.tier = tier
         self.device = layout.device
         self._copies = _copies(layout)
+        self._rows = self._copies.rows_per_block
+        self._index = _IndexUpload(self._copies, self.device)
         self._api = torch.get_device_module(self.device)
-        stride = tier.slot_stride
-        self.chunk_blocks = max(1, staging_bytes // 2 // stride)
+        self._device_index = (
+            self.device.index if self.device.index is not None else self._api.current_device()
+        )
+        self.chunk_blocks = _chunk_blocks(tier, staging_bytes)
         with self._api.device(self.device):
             self._buffers = [
-                torch.empty((self.chunk_blocks, stride), dtype=torch.uint8, device=self.device)
+                torch.empty((self.chunk_blocks, tier.slot_stride), dtype=torch.uint8, device=self.device)
                 for _ in range(2)
             ]
             self._gather_stream = self._api.Stream(self.device)
             self._copy_stream = self._api.Stream(self.device)
-        # The last event after which each staging buffer may be overwritten.
-        self._buffer_free: list[torch.Event | None] = [None, None]
+        self._ready = self._api.Event()  # the caller's stream, when a transfer begins
+        self._handoff = self._api.Event()  # one stream's part of a chunk, for the other
+        # When each staging buffer may be overwritten (never recorded: free now).
+        self._buffer_free = [self._api.Event(), self._api.Event()]
         self._turn = 0
 
     def _chunks(self, runs: list[Run]) -> list[tuple[int, int, int]]:
@@ -201,63 +309,94 @@ class StreamMover:
             offset += len(run.blocks)
         return out
 
-    def _begin(self, runs: list[Run]) -> torch.Tensor:
+    def _begin(self, blocks: Sequence[int]) -> tuple[torch.Stream, torch.Tensor]:
         """Orders this transfer after the engine's queued work (writes to blocks being
-        saved, reads of blocks being loaded into) and uploads the blocks' index."""
-        import torch
+        saved, reads of blocks being loaded into) and uploads the blocks' index. Returns
+        the caller's stream, to restore, and the index; the gather stream is current."""
+        caller = self._api.current_stream(self._device_index)
+        self._ready.record(caller)
+        self._gather_stream.wait_event(self._ready)
+        self._api.set_stream(self._gather_stream)
+        return caller, self._index.upload(blocks, self._gather_stream)
 
-        self._gather_stream.wait_stream(self._api.current_stream(self.device))
-        blocks = [b for run in runs for b in run.blocks]
-        with self._api.stream(self._gather_stream):
-            # Pinned, so the upload is asynchronous and never waits for earlier transfers.
-            index = self._copies.index(torch.tensor(blocks, dtype=torch.long))
-            return index.pin_memory().to(self.device, non_blocking=True)
+    def _rows_of(self, index: torch.Tensor, first: int, count: int) -> torch.Tensor:
+        return index[first * self._rows : (first + count) * self._rows]
 
-    def _event(self, stream: torch.Stream) -> torch.Event:
+    def _hand_off(self, source: torch.Stream, target: torch.Stream) -> None:
+        self._handoff.record(source)
+        target.wait_event(self._handoff)
+
+    def _completion(self, stream: torch.Stream) -> torch.Event:
         event = self._api.Event()
         event.record(stream)
         return event
 
-    def save(self, runs: list[Run]) -> Completion:
+    def save(self, blocks: Sequence[int]) -> Saving:
         """Device blocks -> host slots. The engine's pending writes to them come first."""
-        gather, copy = self._gather_stream, self._copy_stream
-        index = self._begin(runs)
-        for first_slot, offset, count in self._chunks(runs):
-            buffer = self._take_buffer()
-            with self._api.stream(gather):
-                if (free := self._buffer_free[buffer]) is not None:
-                    gather.wait_event(free)
-                rows = self._buffers[buffer][:count]
-                self._copies.gather(index[offset : offset + count], rows)
-                gathered = self._event(gather)
-            with self._api.stream(copy):
-                copy.wait_event(gathered)
-                self.tier.run(first_slot, count).copy_(rows, non_blocking=True)
-                self._buffer_free[buffer] = self._event(copy)
-        return self._event(copy)
+        return _StreamSaving(self, blocks)
 
     def load(self, runs: list[Run]) -> Completion:
         """Host slots -> device blocks. Kernels still reading the old contents come first;
         the engine must order its reads after the returned event."""
         gather, copy = self._gather_stream, self._copy_stream
-        index = self._begin(runs)
-        for first_slot, offset, count in self._chunks(runs):
-            buffer = self._take_buffer()
-            with self._api.stream(copy):
-                if (free := self._buffer_free[buffer]) is not None:
-                    copy.wait_event(free)
+        caller, index = self._begin([b for run in runs for b in run.blocks])
+        try:
+            for first_slot, offset, count in self._chunks(runs):
+                buffer = self._take_buffer()
+                copy.wait_event(self._buffer_free[buffer])
+                self._api.set_stream(copy)
                 rows = self._buffers[buffer][:count]
                 rows.copy_(self.tier.run(first_slot, count), non_blocking=True)
-                copied = self._event(copy)
-            with self._api.stream(gather):
-                gather.wait_event(copied)
-                self._copies.scatter(index[offset : offset + count], rows)
-                self._buffer_free[buffer] = self._event(gather)
-        return self._event(gather)
+                self._hand_off(copy, gather)
+                self._api.set_stream(gather)
+                self._copies.scatter(self._rows_of(index, offset, count), rows)
+                self._buffer_free[buffer].record(gather)
+            return self._completion(gather)
+        finally:
+            self._api.set_stream(caller)
 
     def _take_buffer(self) -> int:
         self._turn ^= 1
         return self._turn
+
+
+class _StreamSaving:
+    """A save on a device: each group is one staging chunk, gathered in the caller's
+    block order and copied to the host once per stretch of consecutive slots."""
+
+    def __init__(self, mover: StreamMover, blocks: Sequence[int]) -> None:
+        self._mover = mover
+        self._caller, self._index = mover._begin(blocks)
+        mover._api.set_stream(self._caller)
+
+    def group(self, start: int, slots: Sequence[int]) -> None:
+        mover = self._mover
+        api, gather, copy = mover._api, mover._gather_stream, mover._copy_stream
+        try:
+            for offset in range(0, len(slots), mover.chunk_blocks):
+                chunk = slots[offset : offset + mover.chunk_blocks]
+                runs = slot_runs(chunk)
+                if not runs:
+                    continue
+                buffer = mover._take_buffer()
+                api.set_stream(gather)
+                gather.wait_event(mover._buffer_free[buffer])
+                rows = mover._buffers[buffer][: len(chunk)]
+                mover._copies.gather(mover._rows_of(self._index, start + offset, len(chunk)), rows)
+                mover._hand_off(gather, copy)
+                api.set_stream(copy)
+                for position, first_slot, count in runs:
+                    slots_run = mover.tier.run(first_slot, count)
+                    slots_run.copy_(rows[position : position + count], non_blocking=True)
+                mover._buffer_free[buffer].record(copy)
+        finally:
+            api.set_stream(self._caller)
+
+    def finish(self) -> Completion:
+        return self._mover._completion(self._mover._copy_stream)
+
+    def cancel(self) -> None:
+        self._mover._copy_stream.synchronize()
 
 
 def make_mover(layout: BlockLayout, tier: HostTier) -> HostMover | StreamMover:

@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "blake2b.h"
 #include "index.h"
 
 namespace py = pybind11;
@@ -49,6 +50,29 @@ PYBIND11_MODULE(_index, m) {
     }
   });
   m.attr("KEY_BYTES") = kKeyBytes;
+
+  py::class_<KeyedBlake2b>(m, "KeyedHasher", "Keyed BLAKE2b with the spill key's digest size.")
+      .def(py::init([](const py::bytes& key) { return KeyedBlake2b(std::string(key), kKeyBytes); }), py::arg("key"))
+      .def(
+          "digests",
+          [](const KeyedBlake2b& hasher, const py::list& messages, const py::bytes& prefix) {
+            py::list out(messages.size());
+            std::string message = prefix;
+            const size_t prefix_size = message.size();
+            size_t i = 0;
+            for (const py::handle& item : messages) {
+              if (!PyBytes_Check(item.ptr())) throw std::invalid_argument("messages must be bytes");
+              char* data = nullptr;
+              Py_ssize_t size = 0;
+              PyBytes_AsStringAndSize(item.ptr(), &data, &size);
+              message.resize(prefix_size);
+              message.append(data, static_cast<size_t>(size));
+              out[i++] = py::bytes(hasher.digest(message));
+            }
+            return out;
+          },
+          py::arg("messages"), py::arg("prefix") = py::bytes(""),
+          "The digest of prefix + message for each bytes message, in order.");
   m.attr("MAX_PROCS") = kMaxProcs;
 
   py::enum_<Policy>(m, "Policy").value("LRU", Policy::kLru).value("FIFO", Policy::kFifo).value("LFU", Policy::kLfu);
