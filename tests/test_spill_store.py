@@ -30,7 +30,7 @@ from vmkv.spill import (
     Transfer,
 )
 from vmkv.spill.host_tier import user_tiers
-from vmkv.spill.keys import TierKeys, token_chain
+from vmkv.spill.keys import KeyedHasher, TierKeys, token_chain
 from vmkv.spill.layout import BlockLayout
 from vmkv.spill.transfer import _GridCopies, _PartCopies
 from vmkv.vmm_ops import open_vmm
@@ -233,32 +233,30 @@ def test_full_tier_raises_and_changes_nothing(namespace):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_a_store_of_several_groups_copies_each_and_undoes_all_when_a_later_one_finds_no_room(
-    namespace, device
-):
-    """store() reserves one staging chunk at a time; a later chunk without room gives
-    back what the earlier ones reserved, and nothing of the call becomes visible."""
+def test_a_store_skips_present_keys_keeps_them_and_copies_the_rest_chunk_by_chunk(namespace, device):
+    """Keys already in the tier are skipped and never evicted to make room for the same
+    call's other blocks; on a device the rest crosses in several staging chunks, with
+    the skipped blocks left out of them, and the caller's stream stays current."""
     tensors, block_dim = make_kv("vllm", 16, torch.float16, device=device)
     for block in range(16):
         fill_block(tensors, block_dim, block, seed=100 + block)
     store = open_store(tensors, block_dim, namespace, slots=4)
-    store._mover.chunk_blocks = 2  # a group per two blocks
-    index, proc = store.tier.index, store.tier.proc
+    if device == "cuda":
+        store._mover.chunk_blocks = 2  # staging chunks of two blocks
+        caller = torch.cuda.current_stream()
     try:
         store.store([b"a", b"b"], [1, 2]).wait()
-        pinned, _ = index.pin(proc, store._keys_for([b"a", b"b"], [1, 2]))  # reads in flight
-        with pytest.raises(SpillTierFull, match="no room for 2"):
-            store.store([b"c", b"d", b"e", b"f"], [3, 4, 5, 6])  # c, d fit; e, f do not
-        assert store.stats()["writing"] == 0 and store.stats()["valid"] == 2
-        assert store.lookup([b"c"]) == 0
-        index.unpin(proc, pinned)
-
-        transfer = store.store([b"c", b"a", b"d", b"e"], [3, 1, 4, 5])  # a is skipped
+        store.store([b"c", b"d"], [3, 4]).wait()
+        transfer = store.store([b"a", b"e", b"c"], [1, 5, 3])  # full: e evicts the oldest
         transfer.wait()
-        assert (transfer.blocks, store.stats()["skipped_blocks"]) == (3, 1)
-        store.retrieve([b"c", b"d", b"e"], [10, 11, 12]).wait()
-        for target, seed in zip([10, 11, 12], [103, 104, 105], strict=True):
+        assert (transfer.blocks, store.stats()["skipped_blocks"]) == (1, 2)
+        assert [store.contains(k) for k in (b"a", b"b", b"c", b"d", b"e")] == [1, -1, 1, 1, 1]
+        assert store.store([], []).blocks == 0 and store.retrieve([], []).blocks == 0
+        store.retrieve([b"e", b"a", b"d", b"c"], [10, 11, 12, 13]).wait()
+        for target, seed in zip([10, 11, 12, 13], [105, 101, 104, 103], strict=True):
             assert block_matches(tensors, block_dim, target, seed)
+        if device == "cuda":
+            assert torch.cuda.current_stream() == caller
     finally:
         store.close()
 
@@ -335,6 +333,11 @@ def test_tier_keys_are_keyed_blake2b_across_block_boundaries(key_bytes):
     want = [hashlib.blake2b(b"b" + h, key=key, digest_size=16).digest() for h in hashes]
     assert TierKeys(key).keys(hashes) == want
     assert TierKeys(key).key(hashes[3]) == want[3]
+    # The hasher itself, with no tag: an empty message is the key block alone.
+    untagged = [b"", *hashes[1:4]]
+    assert KeyedHasher(key).digests(untagged) == [
+        hashlib.blake2b(m, key=key, digest_size=16).digest() for m in untagged
+    ]
     with pytest.raises(ValueError, match="key is 1 to 64 bytes"):
         TierKeys(b"")
 

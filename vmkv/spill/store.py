@@ -136,34 +136,22 @@ class SpillStore:
 
     def store(self, keys: Sequence[BlockHash], blocks: Sequence[int]) -> Transfer:
         """Copy ``blocks`` to the host under ``keys``. Keys already in the tier are
-        skipped. The blocks must not be overwritten until the transfer is done.
-
-        Keys are hashed and slots reserved one staging chunk at a time, so the first
-        chunk is on the bus while the host works on the next. Raises SpillTierFull when
-        there is no room even after eviction: nothing of this call is then stored
-        (blocks evicted to make room for its earlier chunks stay evicted)."""
-        if len(keys) != len(blocks):
-            raise ValueError(f"{len(keys)} keys for {len(blocks)} blocks")
-        self.layout.check_blocks(blocks)
-        group = self._mover.chunk_blocks
+        skipped. The blocks must not be overwritten until the transfer is done. Raises
+        SpillTierFull, with nothing changed, when there is no room even after eviction."""
+        tier_keys = self._keys_for(keys, blocks)
         index, proc = self.tier.index, self.tier.proc
         with self._lock:
             self._poll_locked()
-            saving = self._mover.save(blocks)
-            reserved: list[int] = []
+            slots = index.reserve(proc, tier_keys)  # all at once: it never evicts its own keys
+            if slots is None:
+                raise SpillTierFull(
+                    f"the spill tier ({self.tier.slot_count} blocks) has no room for {len(keys)} more: "
+                    "every slot is being written or read"
+                )
+            reserved = [slot for slot in slots if slot >= 0]
             try:
-                for start in range(0, len(keys), group):
-                    slots = index.reserve(proc, self._tier_keys.keys(keys[start : start + group]))
-                    if slots is None:
-                        raise SpillTierFull(
-                            f"the spill tier ({self.tier.slot_count} blocks) has no room for "
-                            f"{len(keys) - start} more: every slot is being written or read"
-                        )
-                    reserved += [slot for slot in slots if slot >= 0]
-                    saving.group(start, slots)
-                completion = saving.finish()
+                completion = self._mover.save(blocks, slots)
             except BaseException:
-                saving.cancel()  # the copies land before their slots can be reused
                 index.abort(proc, reserved)
                 raise
             self._counters.stored_blocks += len(reserved)

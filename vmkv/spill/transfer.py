@@ -6,9 +6,8 @@ Blocks are therefore gathered on the device into a staging buffer laid out exact
 a run of consecutive host slots, and each run crosses the bus as one large copy. Two
 staging buffers alternate so that the gather of one chunk overlaps the copy of the
 previous one; gathers run on one dedicated stream, copies on another, and neither is the
-engine's compute stream. Completion is an event, polled or waited on. A save is fed one
-chunk at a time (:class:`Saving`) as the store reserves its slots, so that the bus is busy
-with the first chunk while the host hashes the keys of the next.
+engine's compute stream. Completion is an event, polled or waited on. The host's work
+before the first copy is time the bus sits idle, so it is kept small (see StreamMover).
 
 On the host backend the KV tensors already live in host memory: blocks are gathered
 straight into the slots, synchronously.
@@ -19,7 +18,7 @@ any other, part by part.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -92,21 +91,6 @@ def slot_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
     return out
 
 
-class Saving(Protocol):
-    """One save, fed group by group as the caller reserves host slots, so that the bus
-    starts on the first group while the host still hashes and reserves the next."""
-
-    def group(self, start: int, slots: Sequence[int]) -> None:
-        """Copy blocks ``start .. start + len(slots)`` of the save into ``slots`` (a
-        negative slot: skip that block)."""
-
-    def finish(self) -> Completion:
-        """Completion of every group's copies."""
-
-    def cancel(self) -> None:
-        """Return once every copy launched so far has landed, so its slots can be reused."""
-
-
 def _part_view(rows: torch.Tensor, part_index: int, layout: BlockLayout) -> torch.Tensor:
     """Part ``part_index`` of ``rows`` (n slot-shaped byte rows) as (n, *block_shape)."""
     part = layout.parts[part_index]
@@ -175,20 +159,13 @@ def _copies(layout: BlockLayout) -> _PartCopies | _GridCopies:
     return _PartCopies(layout) if layout.grid is None else _GridCopies(layout.grid, layout.device)
 
 
-def _chunk_blocks(tier: HostTier, staging_bytes: int) -> int:
-    return max(1, staging_bytes // 2 // tier.slot_stride)
-
-
 class HostMover:
     """Copies for KV tensors in host memory (the host backend): synchronous, straight
     between the engine's tensors and the slots."""
 
-    def __init__(
-        self, layout: BlockLayout, tier: HostTier, staging_bytes: int = DEFAULT_STAGING_BYTES
-    ) -> None:
+    def __init__(self, layout: BlockLayout, tier: HostTier) -> None:
         self.layout = layout
         self.tier = tier
-        self.chunk_blocks = _chunk_blocks(tier, staging_bytes)  # the caller's group size
         self._copies = _copies(layout)
 
     def _index(self, blocks: Sequence[int]) -> torch.Tensor:
@@ -196,8 +173,12 @@ class HostMover:
 
         return torch.from_numpy(self._copies.index(blocks))
 
-    def save(self, blocks: Sequence[int]) -> Saving:
-        return _HostSaving(self, blocks)
+    def save(self, blocks: Sequence[int], slots: Sequence[int]) -> Completion:
+        """``blocks`` -> ``slots`` (a negative slot: leave that block out)."""
+        for position, first_slot, count in slot_runs(slots):
+            index = self._index(blocks[position : position + count])
+            self._copies.gather(index, self.tier.run(first_slot, count))
+        return _Done()
 
     def load(self, runs: list[Run]) -> Completion:
         for run in runs:
@@ -205,57 +186,46 @@ class HostMover:
         return _Done()
 
 
-class _HostSaving:
-    def __init__(self, mover: HostMover, blocks: Sequence[int]) -> None:
-        self._mover = mover
-        self._blocks = blocks
-
-    def group(self, start: int, slots: Sequence[int]) -> None:
-        mover = self._mover
-        for position, first_slot, count in slot_runs(slots):
-            blocks = self._blocks[start + position : start + position + count]
-            mover._copies.gather(mover._index(blocks), mover.tier.run(first_slot, count))
-
-    def finish(self) -> Completion:
-        return _Done()
-
-    def cancel(self) -> None:
-        return None  # every copy finished inside group()
-
-
 class _IndexUpload:
-    """Each transfer's row index, written into a reused page-locked buffer and uploaded
-    with one asynchronous copy. Allocating and pinning a fresh tensor per transfer cost
-    about as much as launching a chunk's copies."""
+    """Each transfer's row index, written into page-locked host memory and uploaded with
+    one asynchronous copy. Allocating and pinning a fresh tensor per transfer cost about
+    as much as launching a chunk's copies, so host buffers are reused: a ring that grows
+    when every buffer still has an upload in flight (the host never waits for one)."""
 
     def __init__(self, copies: _PartCopies | _GridCopies, device: torch.device) -> None:
-        import torch
-
         self._copies = copies
         self.device = device
-        self._host: np.ndarray = np.empty(0, dtype=np.int64)
-        self._pinned: torch.Tensor | None = None  # owns ``_host``'s memory
+        # (pinned buffer, its numpy view, event after its last upload)
+        self._ring: list[tuple[torch.Tensor, np.ndarray, torch.Event]] = []
         self._on_device: torch.Tensor | None = None
-        self._read = torch.get_device_module(device).Event()  # the last upload out of ``_host``
+
+    def _host_buffer(self, rows: int) -> tuple[torch.Tensor, np.ndarray, torch.Event]:
+        import torch
+
+        for entry in self._ring:
+            if entry[0].numel() >= rows and entry[2].query():
+                return entry
+        capacity = max(rows, 1 << 12)
+        pinned = torch.empty(capacity, dtype=torch.long, pin_memory=True)
+        entry = (pinned, pinned.numpy(), torch.get_device_module(self.device).Event())
+        self._ring.append(entry)
+        return entry
 
     def upload(self, blocks: Sequence[int], stream: torch.Stream) -> torch.Tensor:
         """The index of ``blocks`` (``rows_per_block`` rows each) on the device, uploaded
         on ``stream``, which must be the current stream: the device buffer is reused, so
-        only it may read the index."""
+        only work queued on it may read the index."""
         import torch
 
         rows = len(blocks) * self._copies.rows_per_block
-        self._read.synchronize()  # long done: one transfer's index is a few KiB
-        if self._host.size < rows:
-            capacity = max(rows, 2 * self._host.size, 1 << 12)
-            self._pinned = torch.empty(capacity, dtype=torch.long, pin_memory=True)
-            self._host = self._pinned.numpy()
+        if self._on_device is None or self._on_device.numel() < rows:
+            capacity = max(rows, 2 * (0 if self._on_device is None else self._on_device.numel()), 1 << 12)
             self._on_device = torch.empty(capacity, dtype=torch.long, device=self.device)
-        assert self._pinned is not None and self._on_device is not None
-        self._host[:rows] = self._copies.index(blocks)
+        pinned, host, uploaded = self._host_buffer(rows)
+        host[:rows] = self._copies.index(blocks)
         index = self._on_device[:rows]
-        index.copy_(self._pinned[:rows], non_blocking=True)
-        self._read.record(stream)
+        index.copy_(pinned[:rows], non_blocking=True)
+        uploaded.record(stream)
         return index
 
 
@@ -284,7 +254,7 @@ class StreamMover:
         self._device_index = (
             self.device.index if self.device.index is not None else self._api.current_device()
         )
-        self.chunk_blocks = _chunk_blocks(tier, staging_bytes)
+        self.chunk_blocks = max(1, staging_bytes // 2 // tier.slot_stride)
         with self._api.device(self.device):
             self._buffers = [
                 torch.empty((self.chunk_blocks, tier.slot_stride), dtype=torch.uint8, device=self.device)
@@ -309,15 +279,27 @@ class StreamMover:
             offset += len(run.blocks)
         return out
 
-    def _begin(self, blocks: Sequence[int]) -> tuple[torch.Stream, torch.Tensor]:
+    def _begin(self, blocks: Sequence[int]) -> tuple[Callable[[], None], torch.Tensor]:
         """Orders this transfer after the engine's queued work (writes to blocks being
-        saved, reads of blocks being loaded into) and uploads the blocks' index. Returns
-        the caller's stream, to restore, and the index; the gather stream is current."""
-        caller = self._api.current_stream(self._device_index)
+        saved, reads of blocks being loaded into) and uploads the blocks' index, with the
+        gather stream current. Returns what puts the caller's stream and device back
+        (``set_stream`` changes the current device too), and the index."""
+        api = self._api
+        device, caller = api.current_device(), api.current_stream(self._device_index)
+
+        def restore() -> None:
+            api.set_stream(caller)
+            if device != self._device_index:
+                api.set_device(device)
+
         self._ready.record(caller)
         self._gather_stream.wait_event(self._ready)
-        self._api.set_stream(self._gather_stream)
-        return caller, self._index.upload(blocks, self._gather_stream)
+        api.set_stream(self._gather_stream)
+        try:
+            return restore, self._index.upload(blocks, self._gather_stream)
+        except BaseException:
+            restore()
+            raise
 
     def _rows_of(self, index: torch.Tensor, first: int, count: int) -> torch.Tensor:
         return index[first * self._rows : (first + count) * self._rows]
@@ -331,15 +313,47 @@ class StreamMover:
         event.record(stream)
         return event
 
-    def save(self, blocks: Sequence[int]) -> Saving:
-        """Device blocks -> host slots. The engine's pending writes to them come first."""
-        return _StreamSaving(self, blocks)
+    def save(self, blocks: Sequence[int], slots: Sequence[int]) -> Completion:
+        """Device ``blocks`` -> host ``slots`` (a negative slot: leave that block out).
+        The engine's pending writes to the blocks come first. Staged chunk by chunk in
+        the caller's block order; each stretch of consecutive slots in a chunk crosses
+        the bus as one copy. If launching fails, the copies already launched land before
+        this raises, so the caller may free their slots."""
+        if not blocks:
+            return _Done()
+        gather, copy = self._gather_stream, self._copy_stream
+        restore, index = self._begin(blocks)
+        try:
+            for offset in range(0, len(slots), self.chunk_blocks):
+                chunk = slots[offset : offset + self.chunk_blocks]
+                runs = slot_runs(chunk)
+                if not runs:
+                    continue
+                buffer = self._take_buffer()
+                self._api.set_stream(gather)
+                gather.wait_event(self._buffer_free[buffer])
+                rows = self._buffers[buffer][: len(chunk)]
+                self._copies.gather(self._rows_of(index, offset, len(chunk)), rows)
+                self._hand_off(gather, copy)
+                self._api.set_stream(copy)
+                for position, first_slot, count in runs:
+                    slots_run = self.tier.run(first_slot, count)
+                    slots_run.copy_(rows[position : position + count], non_blocking=True)
+                self._buffer_free[buffer].record(copy)
+            return self._completion(copy)
+        except BaseException:
+            copy.synchronize()
+            raise
+        finally:
+            restore()
 
     def load(self, runs: list[Run]) -> Completion:
         """Host slots -> device blocks. Kernels still reading the old contents come first;
         the engine must order its reads after the returned event."""
+        if not runs:
+            return _Done()
         gather, copy = self._gather_stream, self._copy_stream
-        caller, index = self._begin([b for run in runs for b in run.blocks])
+        restore, index = self._begin([b for run in runs for b in run.blocks])
         try:
             for first_slot, offset, count in self._chunks(runs):
                 buffer = self._take_buffer()
@@ -352,51 +366,15 @@ class StreamMover:
                 self._copies.scatter(self._rows_of(index, offset, count), rows)
                 self._buffer_free[buffer].record(gather)
             return self._completion(gather)
+        except BaseException:
+            gather.synchronize()
+            raise
         finally:
-            self._api.set_stream(caller)
+            restore()
 
     def _take_buffer(self) -> int:
         self._turn ^= 1
         return self._turn
-
-
-class _StreamSaving:
-    """A save on a device: each group is one staging chunk, gathered in the caller's
-    block order and copied to the host once per stretch of consecutive slots."""
-
-    def __init__(self, mover: StreamMover, blocks: Sequence[int]) -> None:
-        self._mover = mover
-        self._caller, self._index = mover._begin(blocks)
-        mover._api.set_stream(self._caller)
-
-    def group(self, start: int, slots: Sequence[int]) -> None:
-        mover = self._mover
-        api, gather, copy = mover._api, mover._gather_stream, mover._copy_stream
-        try:
-            for offset in range(0, len(slots), mover.chunk_blocks):
-                chunk = slots[offset : offset + mover.chunk_blocks]
-                runs = slot_runs(chunk)
-                if not runs:
-                    continue
-                buffer = mover._take_buffer()
-                api.set_stream(gather)
-                gather.wait_event(mover._buffer_free[buffer])
-                rows = mover._buffers[buffer][: len(chunk)]
-                mover._copies.gather(mover._rows_of(self._index, start + offset, len(chunk)), rows)
-                mover._hand_off(gather, copy)
-                api.set_stream(copy)
-                for position, first_slot, count in runs:
-                    slots_run = mover.tier.run(first_slot, count)
-                    slots_run.copy_(rows[position : position + count], non_blocking=True)
-                mover._buffer_free[buffer].record(copy)
-        finally:
-            api.set_stream(self._caller)
-
-    def finish(self) -> Completion:
-        return self._mover._completion(self._mover._copy_stream)
-
-    def cancel(self) -> None:
-        self._mover._copy_stream.synchronize()
 
 
 def make_mover(layout: BlockLayout, tier: HostTier) -> HostMover | StreamMover:
