@@ -18,6 +18,7 @@ any other, part by part.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -189,25 +190,26 @@ class HostMover:
 class _IndexUpload:
     """Each transfer's row index, written into page-locked host memory and uploaded with
     one asynchronous copy. Allocating and pinning a fresh tensor per transfer cost about
-    as much as launching a chunk's copies, so host buffers are reused: a ring that grows
-    when every buffer still has an upload in flight (the host never waits for one)."""
+    as much as launching a chunk's copies, so host buffers are reused: a ring, oldest
+    first (uploads on one stream finish in order), that grows when even the oldest still
+    has its upload in flight, so the host never waits for one."""
 
     def __init__(self, copies: _PartCopies | _GridCopies, device: torch.device) -> None:
         self._copies = copies
         self.device = device
-        # (pinned buffer, its numpy view, event after its last upload)
-        self._ring: list[tuple[torch.Tensor, np.ndarray, torch.Event]] = []
+        # (pinned buffer, its numpy view, event after its last upload), oldest first
+        self._ring: deque[tuple[torch.Tensor, np.ndarray, torch.Event]] = deque()
         self._on_device: torch.Tensor | None = None
 
     def _host_buffer(self, rows: int) -> tuple[torch.Tensor, np.ndarray, torch.Event]:
         import torch
 
-        for entry in self._ring:
-            if entry[0].numel() >= rows and entry[2].query():
-                return entry
-        capacity = max(rows, 1 << 12)
-        pinned = torch.empty(capacity, dtype=torch.long, pin_memory=True)
-        entry = (pinned, pinned.numpy(), torch.get_device_module(self.device).Event())
+        reusable = self._ring.popleft() if self._ring and self._ring[0][2].query() else None
+        if reusable is not None and reusable[0].numel() >= rows:
+            entry = reusable
+        else:  # the oldest is in flight (or too small: dropped for a larger one)
+            pinned = torch.empty(max(rows, 1 << 12), dtype=torch.long, pin_memory=True)
+            entry = (pinned, pinned.numpy(), torch.get_device_module(self.device).Event())
         self._ring.append(entry)
         return entry
 
