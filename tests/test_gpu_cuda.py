@@ -3,6 +3,9 @@ in test_vmm_backends.py also runs against CUDA there (its `cuda` parameter)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -131,3 +134,26 @@ def test_no_leak_after_ten_thousand_map_unmap_cycles(space):
     assert stats["pages"] == space.physical_per_page
     free_after, _ = vmm.mem_info()
     assert abs(free_after - free_before) <= 2 << 20
+
+
+def test_unmapping_waits_for_kernels_still_writing_the_page():
+    """cuMemUnmap does not wait for queued kernels that use the range: an engine freeing a
+    block while its last step still runs (asynchronous scheduling, preemption) would fault
+    the device. vmkv waits for the device before each unmap batch. Run in a child process:
+    a fault poisons the CUDA context for good."""
+    code = (
+        "import torch\n"
+        "from vmkv.allocator import KVSpace, PagePool\n"
+        "from vmkv.vmm_ops import open_vmm\n"
+        "vmm = open_vmm('cuda')\n"
+        "kv = KVSpace(PagePool(vmm), [1 << 20], 64)\n"
+        "blocks = kv.tensor(0, torch.uint8, (kv.capacity_blocks, 1 << 20))\n"
+        "assert kv.map_pages([0])\n"
+        "torch.cuda._sleep(2_000_000_000)  # the stream spins for about a second first\n"
+        "blocks[: kv.blocks_per_page].fill_(7)  # queued behind it, still to run\n"
+        "kv.unmap_pages([0])\n"
+        "torch.cuda.synchronize()\n"
+        "print('clean')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "clean", done.stderr[-2000:]

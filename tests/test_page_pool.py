@@ -99,3 +99,25 @@ def test_reserve_pools_leased_pages_ahead_of_need(host):
     assert lease.leased == 3 and pool.stats().misses == 2
     with pytest.raises(ValueError, match="positive"):
         pool.reserve(0)
+
+
+def test_a_debt_ages_from_when_it_began_and_one_asked_again_at_once_continues(host, monkeypatch):
+    """How long pages have been owed decides when an engine preempts to pay; a requester
+    that leases a page at a time must not restart that clock with every page."""
+    clock = [100.0]
+    monkeypatch.setattr("vmkv.allocator.page_pool.time.monotonic", lambda: clock[0])
+    pool = PagePool(host)
+    held = pool.acquire(3)
+    assert pool.debt_age() == 0.0
+    assert pool.owe(1) == 0  # nothing pooled: owed
+    clock[0] += 0.4
+    assert pool.debt_age() == pytest.approx(0.4)
+    pool.release(held[:1])  # paid off
+    assert pool.debt == 0 and pool.debt_age() == 0.0
+    clock[0] += 0.3  # asked again right away: the same debt goes on
+    pool.owe(1)
+    assert pool.debt_age() == pytest.approx(0.7)
+    pool.release(held[1:2])
+    clock[0] += 5.0  # asked again much later: a new debt
+    pool.owe(1)
+    assert pool.debt_age() == 0.0

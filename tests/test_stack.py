@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from vmkv.allocator.reclaim import holders_to_preempt
 from vmkv.coordinator import Segment
 from vmkv.coordinator.segment import remove_segment
 from vmkv.stack import KVStack, StackSettings
@@ -27,6 +28,14 @@ def test_settings_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("VMKV_KEEP_FREE_PAGES", "-1")
     with pytest.raises(ValueError, match="VMKV_KEEP_FREE_PAGES"):
         StackSettings.from_env("vllm", "llama", default_name="served")
+    monkeypatch.setenv("VMKV_KEEP_FREE_PAGES", "2")
+    for grace, seconds in (("0.5", 0.5), ("inf", float("inf"))):
+        monkeypatch.setenv("VMKV_DEBT_GRACE_S", grace)
+        assert StackSettings.from_env("vllm", "llama", default_name="served").debt_grace_s == seconds
+    for bad in ("-1", "soon", "nan"):
+        monkeypatch.setenv("VMKV_DEBT_GRACE_S", bad)
+        with pytest.raises(ValueError, match=f"VMKV_DEBT_GRACE_S must be .*{bad!r}"):
+            StackSettings.from_env("vllm", "llama", default_name="served")
 
 
 def test_stack_joins_with_limits_resolved_against_the_device(monkeypatch):
@@ -141,4 +150,47 @@ def test_a_step_that_took_pages_gets_as_many_mapped_ahead_from_free_budget_only(
     finally:
         for stack in stacks.values():
             stack.close()
+        remove_segment(segment)
+
+
+def test_an_overdue_debt_names_the_requests_on_the_pages_fewest_of_them_share(monkeypatch):
+    """Owed pages held by running requests: after the grace period the stack names the
+    requests to preempt, the fewest that empty enough pages (a page shared with a request
+    not chosen, or holding the null block, never counts), and once their blocks are free
+    (cached ones spilled) paying takes the pages at once."""
+    segment = f"/vmkv-{os.getuid()}-overdue{os.getpid()}"
+    monkeypatch.setenv("VMKV_SEGMENT", segment)
+    monkeypatch.setenv("VMKV_BUDGET", "32M")
+    monkeypatch.setenv("VMKV_PAGE_BYTES", "1M")
+    settings = StackSettings("a", "test", "tiny", spill=False, keep_free_pages=0, debt_grace_s=0.2)
+    stack = KVStack(torch.device("cpu"), [64 << 10] * 4, 256, settings)  # 4 physical pages per KV page
+    try:
+        allocator, per_page = stack.allocator, stack.space.physical_per_page
+        bpp = allocator.blocks_per_page
+        on_page = {page: list(range(page * bpp, (page + 1) * bpp)) for page in range(4)}
+        assert allocator.alloc(4 * bpp - 1) == [b for page in range(4) for b in on_page[page]][1:]
+        holdings = {
+            "head": on_page[0][1:4],  # beside the null block: its page never empties
+            "a": on_page[1],
+            "b": on_page[2][:3] + on_page[3][:-2],
+            "c": on_page[2][3:],
+        }
+        cold = on_page[3][-2:] + on_page[0][4:]  # cached blocks no request uses
+        stack.reclaimer.reclaim(2 * per_page)  # nothing idle: all of it is owed
+        assert stack.pool.debt == 2 * per_page
+        assert stack.overdue_kv_pages() == 0  # the requests may still finish on their own
+        time.sleep(0.25)
+        assert stack.overdue_kv_pages() == 2
+        # Page 1 costs one request (a); page 3 one more (b, its cold blocks spill); page 2
+        # would take b and c.
+        assert holders_to_preempt(allocator, holdings, cold, 2) == ["a", "b"]
+        assert holders_to_preempt(allocator, holdings, cold, 3) == ["a", "b", "c"]
+        assert holders_to_preempt(allocator, holdings, cold, 4) == ["a", "b", "c"]  # page 0 cannot go
+        assert holders_to_preempt(allocator, holdings, cold, 0) == []
+        allocator.free(holdings["a"] + holdings["b"] + cold[:2])  # preempted; page 3's cold ones dropped
+        stack.pay()
+        assert stack.pool.debt == 0 and stack.overdue_kv_pages() == 0
+        assert stack.space.mapped_pages == 2
+    finally:
+        stack.close()
         remove_segment(segment)

@@ -217,11 +217,13 @@ def test_tensor_parallel_is_refused_at_startup_naming_why(tiny_model, segment):
 
 @cpu_engine
 def test_an_instance_in_debt_finishes_its_running_requests_and_admits_no_new_ones(tiny_model, segment):
-    """Owing pages (a reclaim found nothing idle) stops admissions until the debt is paid,
-    but never preempts running requests: their tokens would only be computed again."""
+    """Owing pages (a reclaim found nothing idle) stops admissions until the debt is paid;
+    within the grace period running requests are not preempted (their tokens would only
+    be computed again), and here it never ends."""
     kv = str(2 << 20)  # 32 blocks; the 2 MiB budget is all the instance may hold
     vanilla = run_vllm(tiny_model, "debt", engine_env(False), "--kv-bytes", kv)
-    elastic = run_vllm(tiny_model, "debt", engine_env(True, segment, VMKV_BUDGET="2M"), "--kv-bytes", kv)
+    env = engine_env(True, segment, VMKV_BUDGET="2M", VMKV_DEBT_GRACE_S="inf")
+    elastic = run_vllm(tiny_model, "debt", env, "--kv-bytes", kv)
     assert elastic["texts"] == vanilla["texts"]
     assert elastic["owed_pages"] > 0 and elastic["preemptions"] == 0, elastic
     first_done = elastic["done_step"][:4]
@@ -230,6 +232,20 @@ def test_an_instance_in_debt_finishes_its_running_requests_and_admits_no_new_one
     assert vanilla["first_token_step"][4] < max(vanilla["done_step"][:4])  # vanilla admits at once
     # The finished requests' cached prefix went to the host tier to pay the debt.
     assert elastic["vmkv"]["spilled_blocks"] > 0, elastic["vmkv"]
+
+
+@cpu_engine
+def test_an_overdue_debt_preempts_the_running_requests_that_keep_its_pages(tiny_model, segment):
+    """With no grace period, the first step after the debt preempts the running requests
+    on the owed pages (through vLLM's own preemption) and pays at once, long before they
+    would have finished; they resume later with the same greedy outputs."""
+    kv = str(2 << 20)
+    vanilla = run_vllm(tiny_model, "debt", engine_env(False), "--kv-bytes", kv)
+    env = engine_env(True, segment, VMKV_BUDGET="2M", VMKV_DEBT_GRACE_S="0")
+    elastic = run_vllm(tiny_model, "debt", env, "--kv-bytes", kv)
+    assert elastic["texts"] == vanilla["texts"]
+    assert elastic["owed_pages"] > 0 and elastic["preemptions"] > vanilla["preemptions"], (elastic, vanilla)
+    assert elastic["paid_step"] is not None and elastic["paid_step"] < min(elastic["done_step"][:4]), elastic
 
 
 @cpu_engine

@@ -188,3 +188,25 @@ def test_host_registration_is_validated_and_undone(vmm):
     vmm.unregister_host(address)
     vmm.unregister_host(address + 4 * 4096)
     vmm.register_host(address, 8 * 4096)  # left registered: close() must undo it
+
+
+def test_each_unmap_batch_first_waits_for_the_device_once():
+    """Unmapping does not wait for device work still using the range (CUDA's and ACL's
+    both), so the backend synchronizes the device once per unmap batch, never per page,
+    and not at all for an empty batch. The ACL shim counts its synchronizations; CUDA's
+    ordering is tested on the GPU (test_gpu_cuda)."""
+    shim = ctypes.CDLL(os.environ["VMKV_ACL_LIBRARY"])
+    vmm = open_vmm("acl")
+    try:
+        size = vmm.page_size
+        va = vmm.reserve(4 * size)
+        pages = vmm.create_pages(3)
+        vmm.map([(va + i * size, page) for i, page in enumerate(pages)])
+        before = shim.vmkv_shim_device_syncs()
+        assert vmm.unmap([]) == [] and shim.vmkv_shim_device_syncs() == before
+        assert sorted(vmm.unmap([va, va + size, va + 2 * size])) == sorted(pages)
+        assert shim.vmkv_shim_device_syncs() == before + 1
+        vmm.synchronize()  # what copies out of pages that kernels may still write wait for
+        assert shim.vmkv_shim_device_syncs() == before + 2
+    finally:
+        vmm.close()

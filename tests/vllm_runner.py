@@ -81,10 +81,14 @@ def run_in_debt(llm, prompts: list[str], params) -> dict:
     first_token: dict[int, int] = {}
     done: dict[int, int] = {}
     step = 0
+    paid_step: int | None = None
+    pool = None
 
     def advance() -> None:
-        nonlocal step
+        nonlocal step, paid_step
         step += 1
+        if pool is not None and pool.debt == 0 and paid_step is None:
+            paid_step = step
         for out in engine.step():
             index = int(out.request_id)
             if out.outputs and out.outputs[0].token_ids:
@@ -100,9 +104,10 @@ def run_in_debt(llm, prompts: list[str], params) -> dict:
     if os.environ.get("VMKV") == "1":
         from vmkv.integration.vllm.worker import current_worker
 
-        reclaimer = current_worker().stack.reclaimer
-        owed = reclaimer.payable()
-        reclaimer.reclaim(owed)  # what the cached blocks cannot pay at once stays owed
+        stack = current_worker().stack
+        owed = stack.reclaimer.payable()
+        stack.reclaimer.reclaim(owed)  # what the cached blocks cannot pay at once stays owed
+        pool = stack.pool
     for index, prompt in enumerate(second, start=len(first)):
         engine.add_request(str(index), prompt, params)
     while engine.has_unfinished_requests():
@@ -110,6 +115,7 @@ def run_in_debt(llm, prompts: list[str], params) -> dict:
     return {
         "texts": [texts[i] for i in range(len(prompts))],
         "owed_pages": owed,
+        "paid_step": paid_step,  # the first step that began with nothing owed
         "first_token_step": [first_token[i] for i in range(len(prompts))],
         "done_step": [done[i] for i in range(len(prompts))],
     }

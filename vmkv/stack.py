@@ -11,6 +11,8 @@ engine processes the engine itself spawns:
   VMKV_WEIGHT     share of contended memory (default 1)
   VMKV_SPILL      0 turns the spill tier off (default on); VMKV_CPU_BYTES sizes it
   VMKV_KEEP_FREE_PAGES  empty KV pages kept mapped to hide map latency (default 2)
+  VMKV_DEBT_GRACE_S     how long an instance that owes pages waits for its running
+                  requests to free them before it preempts some (default 1; inf: never)
   VMKV_PAGE_BYTES physical page size (default: the backend's; finer pages make small
                   engines more elastic, coarser ones map faster on CUDA)
 """
@@ -50,6 +52,7 @@ class StackSettings:
     weight: int = 1
     spill: bool = True
     keep_free_pages: int = 2
+    debt_grace_s: float = 1.0
 
     @classmethod
     def from_env(cls, engine: str, model: str, default_name: str) -> StackSettings:
@@ -60,6 +63,13 @@ class StackSettings:
         keep_text = env.get("VMKV_KEEP_FREE_PAGES", "2")
         if not keep_text.isdigit():
             raise ValueError(f"VMKV_KEEP_FREE_PAGES must be a non-negative integer, got {keep_text!r}")
+        grace_text = env.get("VMKV_DEBT_GRACE_S", "1")
+        try:
+            grace = float(grace_text)
+        except ValueError:
+            grace = -1.0
+        if not grace >= 0:  # NaN too
+            raise ValueError(f"VMKV_DEBT_GRACE_S must be a number of seconds >= 0 or inf, got {grace_text!r}")
         return cls(
             name=env.get("VMKV_NAME") or default_name,
             engine=engine,
@@ -69,6 +79,7 @@ class StackSettings:
             weight=int(weight_text),
             spill=env.get("VMKV_SPILL", "1") != "0",
             keep_free_pages=int(keep_text),
+            debt_grace_s=grace,
         )
 
 
@@ -148,6 +159,17 @@ class KVStack:
         finish and pay the debt. Without this a loaded engine refills every freed block
         from its own queue, and the instance that asked waits until the queue drains."""
         return self.pool.debt > 0
+
+    def overdue_kv_pages(self) -> int:
+        """KV pages owed for longer than the debt grace period: the engine should preempt
+        the running requests that keep them (see holders_to_preempt), then :meth:`pay`."""
+        if self.pool.debt_age() <= self.settings.debt_grace_s:
+            return 0
+        return -(-self.pool.debt // self.space.physical_per_page)
+
+    def pay(self) -> None:
+        """Pay the debt from empty pages and cold blocks now (after a preemption)."""
+        self.reclaimer.pay()
 
     def prefetch(self, blocks: int) -> None:
         """Lease pages for ``blocks`` blocks beyond those free now, in the background, so

@@ -9,11 +9,14 @@ and gives memory back to the device only when asked to trim.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from vmkv.vmm_ops import OutOfDeviceMemory, Vmm
+
+DEBT_RESPITE_S = 1.0  # a debt that comes back sooner after being paid continues the old one
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ class PagePool:
         self._created = 0
         self._misses = 0
         self._debt = 0
+        self._debt_since = 0.0  # when the debt in progress began (see debt_age)
+        self._debt_paid_at = float("-inf")  # when the last debt was paid off
         # Bumped (under the lock) whenever the pages held, in use or owed change, mapping
         # and unmapping included: readers cache what they derive from the pool until it
         # moves. A plain attribute, as it is read for every request of every engine step.
@@ -78,6 +83,13 @@ class PagePool:
     def debt(self) -> int:
         """Pages promised back and not yet paid."""
         return self._debt
+
+    def debt_age(self) -> float:
+        """Seconds this instance has owed pages; 0 while nothing is owed. A debt that
+        comes back within DEBT_RESPITE_S of being paid continues the one before: an
+        instance that is asked for a page at a time (as a requester leases them) has had
+        its grace period once, not once per page."""
+        return time.monotonic() - self._debt_since if self._debt else 0.0
 
     @property
     def pooled(self) -> int:
@@ -174,6 +186,9 @@ class PagePool:
         if pages < 0:
             raise ValueError(f"pages must be >= 0, got {pages}")
         with self._lock:
+            now = time.monotonic()
+            if self._debt == 0 and now - self._debt_paid_at > DEBT_RESPITE_S:
+                self._debt_since = now
             self._debt += pages
             paid = self._pay_debt()
             self._report()
@@ -182,6 +197,8 @@ class PagePool:
     def _pay_debt(self) -> int:
         paid = self._give_back(min(self._debt, len(self._pooled)))
         self._debt -= paid
+        if paid and self._debt == 0:
+            self._debt_paid_at = time.monotonic()
         return paid
 
     def _give_back(self, count: int) -> int:

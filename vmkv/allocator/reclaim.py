@@ -6,15 +6,17 @@
    blocks are copied to the spill tier, dropped from the engine's cache and freed, which
    empties the pages. A later prefix hit reloads them from the host;
 4. what is still owed: paid by the pool as the engine frees blocks; engines that must
-   free memory on their own thread are told (``on_debt``) and pay it there.
+   free memory on their own thread are told (``on_debt``) and pay it there. A debt
+   left unpaid too long makes the engine preempt the running requests on the pages
+   that the fewest of them share (``holders_to_preempt``), and ``pay`` again.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from vmkv.allocator.block_allocator import BlockAllocator
 from vmkv.allocator.page_pool import PagePool
@@ -22,6 +24,7 @@ from vmkv.allocator.page_pool import PagePool
 log = logging.getLogger(__name__)
 
 BlockHash = bytes | int | str
+H = TypeVar("H")
 
 
 class ColdCache(Protocol):
@@ -100,18 +103,24 @@ class Reclaimer:
         Returns how many pages went back during this call."""
         owed_before = self.pool.stats().debt
         self.pool.owe(pages)
-        for allocator in self.allocators:
-            if (debt := self.pool.stats().debt) == 0:
-                break
-            allocator.trim(-(-debt // allocator.space.physical_per_page))  # unmapped pages pay it
-        for tier in self.cold:
-            if (debt := self.pool.stats().debt) == 0:
-                break
-            self._spill_cold_pages(tier, -(-debt // tier.allocator.space.physical_per_page))
+        self.pay()
         if self.pool.stats().debt:
             for notify in self.on_debt:
                 notify()
         return owed_before + pages - self.pool.stats().debt
+
+    def pay(self) -> None:
+        """Pay what is owed from what no running request uses: empty mapped pages, then
+        pages of cold cached blocks (spilled first). Reclaim calls it when asked; an engine
+        calls it again after preempting requests to pay (their blocks are cold then)."""
+        for allocator in self.allocators:
+            if (debt := self.pool.stats().debt) == 0:
+                return
+            allocator.trim(-(-debt // allocator.space.physical_per_page))  # unmapped pages pay it
+        for tier in self.cold:
+            if (debt := self.pool.stats().debt) == 0:
+                return
+            self._spill_cold_pages(tier, -(-debt // tier.allocator.space.physical_per_page))
 
     def _spill_cold_pages(self, tier: ColdTier, kv_pages: int) -> None:
         """Spill the cold blocks of ``kv_pages`` pages: first pages holding only cold blocks,
@@ -142,6 +151,9 @@ class Reclaimer:
             return
         keyed = [b for b in blocks if hashes[b] is not None] if tier.spill is not None else []
         if keyed:
+            # Kernels queued before a block was freed may still be writing it (its request's
+            # last step, when the engine schedules ahead): copy what they leave.
+            self.pool.vmm.synchronize()
             try:
                 tier.spill.store([hashes[b] for b in keyed], keyed).wait()
                 self.spilled_blocks += len(keyed)
@@ -151,3 +163,41 @@ class Reclaimer:
         self.dropped_blocks += len(blocks) - len(keyed)
         tier.cache.evict(blocks)
         tier.allocator.free(blocks)
+
+
+def holders_to_preempt(
+    allocator: BlockAllocator, holdings: Mapping[H, Collection[int]], cold: Collection[int], pages: int
+) -> list[H]:
+    """Which holders of blocks (an engine's running requests) to preempt so that ``pages``
+    KV pages empty, the fewest holders first.
+
+    An instance that owes pages pays as its blocks free, but its running requests' blocks
+    lie on every page it holds: waiting for them to finish hands memory over only as
+    fast as its longest requests. Preempting the requests on the pages that the fewest
+    requests share empties those pages at once (their tokens are computed again later,
+    and the cached ones come back from the spill tier). A page counts only if every
+    allocated block on it belongs to the chosen holders or is ``cold`` (a cached block no
+    request uses: reclaim spills those); the null block's page never does. Returns the
+    holders in ``holdings``' order; fewer pages than asked when no more can be emptied."""
+    if pages <= 0:
+        return []
+    holders_on: dict[int, set[H]] = {}
+    for holder, blocks in holdings.items():
+        for block in blocks:
+            holders_on.setdefault(block // allocator.blocks_per_page, set()).add(holder)
+    held = {block for blocks in holdings.values() for block in blocks}
+    emptiable = allocator.pages_only_holding(held | set(cold))
+    chosen: set[H] = set()
+    remaining = {page: holders_on.get(page, set()) for page in emptiable}
+
+    def emptied() -> int:
+        return sum(1 for holders in remaining.values() if holders <= chosen)
+
+    while emptied() < pages:
+        open_pages = [page for page, holders in remaining.items() if not holders <= chosen]
+        if not open_pages:
+            break
+        # The page that adds the fewest new victims, then the one with the fewest blocks.
+        cheapest = min(open_pages, key=lambda p: (len(remaining[p] - chosen), len(emptiable[p]), p))
+        chosen |= remaining[cheapest]
+    return [holder for holder in holdings if holder in chosen]

@@ -15,8 +15,10 @@ really be had now: empty blocks on mapped pages, cached free blocks, and what th
 coordinator would grant from free budget. While the instance owes others pages, a
 scheduling step admits no new request (``wrap_schedule``): a freed block reused by a
 new request keeps its page from emptying, and the instance would pay only once its whole
-queue drained. Running requests keep growing, since preempting them would only
-recompute their tokens later. When the first waiting request does not fit, the pool
+queue drained. Running requests keep growing while they finish, since preempting them
+means computing their tokens again; but a debt still unpaid after VMKV_DEBT_GRACE_S
+makes vLLM preempt the running requests on the pages that the fewest of them share
+(``preempting``), and those pages go at once. When the first waiting request does not fit, the pool
 leases what it lacks in the background (``on_shortfall``), taking other instances' idle
 pages, so the request fits a step later. When another instance needs memory, reclaim
 takes whole pages of cold cached blocks, spilling them to the host tier first.
@@ -45,7 +47,10 @@ from vllm.v1.core.kv_cache_utils import (
     KVCacheBlock,
     make_block_hash_with_group_id,
 )
+from vllm.v1.core.sched.request_queue import SchedulingPolicy
+from vllm.v1.request import Request, RequestStatus
 
+from vmkv.allocator.reclaim import holders_to_preempt
 from vmkv.integration.vllm.worker import check_blocks_outermost, current_worker
 
 # How long get_new_blocks keeps asking the coordinator after a race lost the budget it
@@ -125,6 +130,24 @@ class VmkvBlockPool(BlockPool):
 
     def owes(self) -> bool:
         return self._stack.owes()
+
+    def requests_to_preempt(
+        self, running: Sequence[Request], block_ids: Callable[[str], tuple[list[int], ...]]
+    ) -> list[Request]:
+        """The running requests whose blocks keep the pages of an overdue debt (see
+        KVStack.overdue_kv_pages and holders_to_preempt); none while the debt is young."""
+        pages = self._stack.overdue_kv_pages()
+        if pages == 0 or not running:
+            return []
+        with self._lock:
+            holdings = {r.request_id: [b for ids in block_ids(r.request_id) for b in ids] for r in running}
+            cold = [block for block, _ in self.cold_blocks()]
+            chosen = set(holders_to_preempt(self._allocator, holdings, cold, pages))
+        return [r for r in running if r.request_id in chosen]
+
+    def pay_debt(self) -> None:
+        """After a preemption: the preempted requests' blocks are free or cold now."""
+        self._stack.pay()
 
     def on_shortfall(self, tokens: int) -> None:
         """A request of ``tokens`` more tokens did not fit: lease the blocks it lacks for
@@ -284,13 +307,43 @@ class VmkvBlockPool(BlockPool):
             self._maybe_evict_cached_block(block)
 
 
+@contextlib.contextmanager
+def preempting(scheduler: Any, victims: list[Request]) -> Iterator[None]:
+    """Make the scheduling step inside preempt exactly ``victims``, through vLLM's own
+    preemption, so that its bookkeeping (asynchronous scheduling included) stays vLLM's.
+
+    Under FCFS, a request that finds no free blocks makes vLLM preempt the last running
+    request and try again, until it fits or preempts itself. So the victims go last, and
+    until all of them are preempted no request gets blocks."""
+    if not victims:
+        yield
+        return
+    chosen = {id(request) for request in victims}
+    scheduler.running[:] = [r for r in scheduler.running if id(r) not in chosen] + victims
+    manager = scheduler.kv_cache_manager
+    allocate = manager.allocate_slots
+
+    def allocate_slots(request: Request, *args: Any, **kwargs: Any) -> Any:
+        if any(victim.status == RequestStatus.RUNNING for victim in victims):
+            return None
+        return allocate(request, *args, **kwargs)
+
+    manager.allocate_slots = allocate_slots
+    try:
+        yield
+    finally:
+        del manager.allocate_slots  # the class's method again
+
+
 def wrap_schedule(original: Callable[..., Any], admission_limit: str) -> Callable[..., Any]:
     """``Scheduler.schedule`` inside its vmkv pool's ``scheduling_step``.
 
     While the instance owes, the step's admission limit (the scheduler attribute named
     ``admission_limit``: it admits no request past it) is the number already running, so
-    only running requests are scheduled. After the step, the first waiting request (a new
-    one, or one preempted because the lease could not grow) leases what it lacks."""
+    only running requests are scheduled; once the debt is overdue, the step preempts the
+    running requests that keep its pages (FCFS only: under priority scheduling vLLM picks
+    its own victims) and pays. After the step, the first waiting request (a new one, or
+    one preempted) leases what it lacks."""
 
     @functools.wraps(original)
     def schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -299,13 +352,18 @@ def wrap_schedule(original: Callable[..., Any], admission_limit: str) -> Callabl
             return original(self, *args, **kwargs)
         limit = getattr(self, admission_limit)
         owes = pool.owes()
+        victims: list[Request] = []
         if owes:
             setattr(self, admission_limit, min(limit, len(self.running)))
+            if self.policy == SchedulingPolicy.FCFS and not getattr(self, "defer_block_free", False):
+                victims = pool.requests_to_preempt(self.running, self.kv_cache_manager.get_block_ids)
         try:
-            with pool.scheduling_step():
+            with pool.scheduling_step(), preempting(self, victims):
                 output = original(self, *args, **kwargs)
         finally:
             setattr(self, admission_limit, limit)
+        if any(victim.status == RequestStatus.PREEMPTED for victim in victims):
+            pool.pay_debt()
         if self.waiting and not owes:
             first = self.waiting.peek_request()
             pool.on_shortfall(first.num_tokens - first.num_computed_tokens)

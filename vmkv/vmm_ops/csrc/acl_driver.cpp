@@ -81,6 +81,7 @@ struct AclApi {
   aclError (*aclrtFreePhysical)(aclrtDrvMemHandle);
   aclError (*aclrtMapMem)(void*, size_t, size_t, aclrtDrvMemHandle, uint64_t);
   aclError (*aclrtUnmapMem)(void*);
+  aclError (*aclrtSynchronizeDevice)();
   aclError (*aclrtMemGetAllocationGranularity)(AclPhysicalMemProp*, int, size_t*);
   aclError (*aclrtHostRegister)(void*, uint64_t, int, void**);
   aclError (*aclrtHostUnregister)(void*);
@@ -129,6 +130,7 @@ AclApi& acl_api() {
               lib.resolve("aclrtMallocPhysical", api.aclrtMallocPhysical) &&
               lib.resolve("aclrtFreePhysical", api.aclrtFreePhysical) &&
               lib.resolve("aclrtMapMem", api.aclrtMapMem) && lib.resolve("aclrtUnmapMem", api.aclrtUnmapMem) &&
+              lib.resolve("aclrtSynchronizeDevice", api.aclrtSynchronizeDevice) &&
               lib.resolve("aclrtMemGetAllocationGranularity", api.aclrtMemGetAllocationGranularity) &&
               lib.resolve("aclrtHostRegister", api.aclrtHostRegister) &&
               lib.resolve("aclrtHostUnregister", api.aclrtHostUnregister);
@@ -225,6 +227,11 @@ class AclDriver final : public Driver {
   void unmap(uintptr_t va, size_t /*size*/) override {
     bind();
     check(api_.aclrtUnmapMem(reinterpret_cast<void*>(va)), "aclrtUnmapMem");
+  }
+
+  void quiesce() override {
+    bind();
+    check(api_.aclrtSynchronizeDevice(), "aclrtSynchronizeDevice");
   }
 
   // ACL_HOST_REGISTER_MAPPED: the device may read and write the range. The device-side

@@ -119,7 +119,10 @@ PYBIND11_MODULE(_C, m) {
       .def("map", [](VmmHandle& h, const std::vector<MapPair>& pairs) { h.get().map(pairs); }, py::arg("pairs"),
            release_gil(), "Map (address, page) pairs in one batch, all or nothing.")
       .def("unmap", [](VmmHandle& h, const std::vector<uintptr_t>& addresses) { return h.get().unmap(addresses); },
-           py::arg("addresses"), release_gil(), "Unmap addresses in one batch; returns the pages that were there.")
+           py::arg("addresses"), release_gil(),
+           "Unmap addresses in one batch, after the device's queued work; returns the pages that were there.")
+      .def("synchronize", [](VmmHandle& h) { h.get().synchronize(); }, release_gil(),
+           "Wait for the work already queued on the device (nothing to wait for on the host backend).")
       .def("register_host", [](VmmHandle& h, uintptr_t address, size_t size) { h.get().register_host(address, size); },
            py::arg("address"), py::arg("size"), release_gil(),
            "Page-lock host memory for fast asynchronous device copies (no-op on the host backend).")

@@ -61,6 +61,7 @@ struct CudaApi {
   CUresult (*cuDevicePrimaryCtxRelease)(CUdevice);
   CUresult (*cuCtxPushCurrent)(CUcontext);
   CUresult (*cuCtxPopCurrent)(CUcontext*);
+  CUresult (*cuCtxSynchronize)();
   CUresult (*cuMemGetInfo)(size_t*, size_t*);
   CUresult (*cuMemGetAllocationGranularity)(size_t*, const CuMemAllocationProp*, int);
   CUresult (*cuMemAddressReserve)(CUdeviceptr*, size_t, size_t, CUdeviceptr, unsigned long long);
@@ -90,6 +91,7 @@ CudaApi& cuda_api() {
               lib.resolve("cuDevicePrimaryCtxRelease_v2", api.cuDevicePrimaryCtxRelease) &&
               lib.resolve("cuCtxPushCurrent_v2", api.cuCtxPushCurrent) &&
               lib.resolve("cuCtxPopCurrent_v2", api.cuCtxPopCurrent) &&
+              lib.resolve("cuCtxSynchronize", api.cuCtxSynchronize) &&
               lib.resolve("cuMemGetInfo_v2", api.cuMemGetInfo) &&
               lib.resolve("cuMemGetAllocationGranularity", api.cuMemGetAllocationGranularity) &&
               lib.resolve("cuMemAddressReserve", api.cuMemAddressReserve) &&
@@ -197,6 +199,11 @@ class CudaDriver final : public Driver {
   void unmap(uintptr_t va, size_t size) override {
     ContextScope scope(*this);
     check(api_.cuMemUnmap(va, size), "cuMemUnmap");
+  }
+
+  void quiesce() override {
+    ContextScope scope(*this);
+    check(api_.cuCtxSynchronize(), "cuCtxSynchronize");
   }
 
   void set_access(uintptr_t va, size_t size) override {

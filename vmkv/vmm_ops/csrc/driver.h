@@ -62,6 +62,11 @@ class Driver {
   virtual void release(NativeHandle handle) = 0;
   virtual void map(uintptr_t va, size_t size, NativeHandle handle) = 0;
   virtual void unmap(uintptr_t va, size_t size) = 0;
+  // Wait until the work already queued on the device is done. Neither cuMemUnmap nor
+  // aclrtUnmapMem waits for kernels in flight that still read or write the range, so Vmm
+  // calls this once before each unmap batch: an engine that frees a block while its last
+  // step is still running (asynchronous scheduling, preemption) must not fault.
+  virtual void quiesce() {}
   // Grant read/write access to a contiguous, freshly mapped range. Only CUDA needs it;
   // Vmm calls it once per contiguous run of a batch because one call over a range is
   // ~150x cheaper per page than one call per page.

@@ -192,6 +192,8 @@ void Vmm::map(const std::vector<MapPair>& pairs) {
 }
 
 std::vector<uint64_t> Vmm::unmap(const std::vector<uintptr_t>& addresses) {
+  // Outside the lock: other threads' maps need not wait for the device as well.
+  if (!addresses.empty()) driver_->quiesce();
   std::lock_guard<std::mutex> lock(mutex_);
   std::unordered_set<uintptr_t> seen;
   std::vector<uint64_t> pages;

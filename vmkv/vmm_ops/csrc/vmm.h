@@ -58,6 +58,9 @@ class Vmm {
   void map(const std::vector<MapPair>& pairs);
   // Unmaps each address; returns the page ids that were mapped there, in order.
   std::vector<uint64_t> unmap(const std::vector<uintptr_t>& addresses);
+  // Wait for the work already queued on the device (see Driver::quiesce). unmap does it
+  // itself; copies out of pages that kernels may still be writing need it first.
+  void synchronize() { driver_->quiesce(); }
 
   // Page-locks [address, address + size) of host memory for device copies (4 KiB aligned,
   // not overlapping another registration). Undone by unregister_host or at destruction.
