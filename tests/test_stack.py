@@ -194,3 +194,30 @@ def test_an_overdue_debt_names_the_requests_on_the_pages_fewest_of_them_share(mo
     finally:
         stack.close()
         remove_segment(segment)
+
+
+def test_a_shortfall_is_asked_for_in_one_go_so_the_holder_owes_it_at_once(monkeypatch):
+    """b lacks three KV pages that a's running requests hold: one ask makes a owe all it
+    holds above its fair share at once (one grace period, one preemption), not a page per
+    ask."""
+    segment = f"/vmkv-{os.getuid()}-oneask{os.getpid()}"
+    monkeypatch.setenv("VMKV_SEGMENT", segment)
+    monkeypatch.setenv("VMKV_BUDGET", "32M")  # 8 KV pages of 4 MiB; a fair share is 4
+    monkeypatch.setenv("VMKV_PAGE_BYTES", "1M")
+    stacks = {}
+    try:
+        for name in ("a", "b"):
+            settings = StackSettings(name, "test", "tiny", spill=False, keep_free_pages=0)
+            stacks[name] = KVStack(torch.device("cpu"), [64 << 10] * 4, 256, settings)
+        a, b = stacks["a"], stacks["b"]
+        per_page, bpp = a.space.physical_per_page, a.allocator.blocks_per_page
+        running = a.allocator.alloc(a.grantable_blocks())  # a: 7 KV pages, all in use
+        assert running is not None and a.pool.stats().held == 7 * per_page
+        b.prefetch(3 * bpp)
+        b._prefetch.join(timeout=10)
+        assert a.pool.debt == 3 * per_page  # what a holds above its fair share of 4
+        a.allocator.free(running)
+    finally:
+        for stack in stacks.values():
+            stack.close()
+        remove_segment(segment)

@@ -12,7 +12,7 @@ engine processes the engine itself spawns:
   VMKV_SPILL      0 turns the spill tier off (default on); VMKV_CPU_BYTES sizes it
   VMKV_KEEP_FREE_PAGES  empty KV pages kept mapped to hide map latency (default 2)
   VMKV_DEBT_GRACE_S     how long an instance that owes pages waits for its running
-                  requests to free them before it preempts some (default 1; inf: never)
+                  requests to free them before it preempts some (default 0.5; inf: never)
   VMKV_PAGE_BYTES physical page size (default: the backend's; finer pages make small
                   engines more elastic, coarser ones map faster on CUDA)
 """
@@ -52,7 +52,7 @@ class StackSettings:
     weight: int = 1
     spill: bool = True
     keep_free_pages: int = 2
-    debt_grace_s: float = 1.0
+    debt_grace_s: float = 0.5
 
     @classmethod
     def from_env(cls, engine: str, model: str, default_name: str) -> StackSettings:
@@ -63,7 +63,7 @@ class StackSettings:
         keep_text = env.get("VMKV_KEEP_FREE_PAGES", "2")
         if not keep_text.isdigit():
             raise ValueError(f"VMKV_KEEP_FREE_PAGES must be a non-negative integer, got {keep_text!r}")
-        grace_text = env.get("VMKV_DEBT_GRACE_S", "1")
+        grace_text = env.get("VMKV_DEBT_GRACE_S", "0.5")
         try:
             grace = float(grace_text)
         except ValueError:
@@ -191,10 +191,15 @@ class KVStack:
             self._prefetch.start()
 
     def _reserve_pages(self, page_ids: int) -> None:
-        """Lease KV pages one at a time: each is its own request to the coordinator, so a
-        shortfall larger than the fair share still gets the part within it."""
+        """Lease ``page_ids`` KV pages: in one ask first, so that an instance asked to give
+        them back owes all of them at once and pays in one go (one grace period, one
+        preemption); then one at a time, so that a shortfall larger than the fair share
+        still gets the part within it."""
+        per_page = self.space.physical_per_page
+        if page_ids > 1 and self.pool.reserve(page_ids * per_page):
+            return
         for _ in range(page_ids):
-            if not self.pool.reserve(self.space.physical_per_page):
+            if not self.pool.reserve(per_page):
                 return
 
     def map_ahead(self, step_blocks: int) -> None:
