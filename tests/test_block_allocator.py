@@ -158,6 +158,41 @@ def test_pages_return_only_when_empty_and_spares_are_kept():
     vmm.close()
 
 
+def test_pages_freed_with_a_retirement_hook_unmap_only_when_asked_and_off_the_lock():
+    """With ``on_retired`` set (a device stack: an unmap waits for the device), a page
+    that empties leaves the free lists at once but is unmapped only by unmap_retired,
+    which holds the allocator's lock only around its bookkeeping."""
+    vmm, space, allocator = make_allocator(capacity_pages=20)
+    calls = []
+    allocator.on_retired = lambda: calls.append(allocator.stats().mapped_pages)
+    blocks = allocator.alloc(8)  # pages 0, 1, 2
+    free_before = allocator.num_free_blocks()
+    allocator.free(blocks[3:7])  # page 1 empties
+    assert calls == [3] and space.mapped_pages == 3  # told, not yet unmapped
+    assert allocator.num_free_blocks() == free_before  # not free while on its way out
+    assert allocator.alloc(1) == [blocks[7] + 1]  # new blocks go elsewhere
+    unmap, lock_free = space.unmap_pages, []
+
+    def take_and_release() -> None:
+        if allocator.lock.acquire(timeout=2):
+            allocator.lock.release()
+            lock_free.append(True)
+
+    def unmap_probing_the_lock(pages):  # can another thread (the engine) take the lock now?
+        probe = threading.Thread(target=take_and_release)
+        probe.start()
+        probe.join()
+        unmap(pages)
+
+    space.unmap_pages = unmap_probing_the_lock
+    allocator.unmap_retired()
+    assert lock_free == [True]
+    assert space.mapped_pages == 2 and not space.is_mapped(1)
+    assert allocator.num_free_blocks() == free_before - 1 + 4
+    assert allocator.alloc(4) is not None and space.mapped_pages == 3  # page 1 maps again
+    vmm.close()
+
+
 def test_map_ahead_maps_pages_while_the_engine_keeps_allocating():
     """The driver calls of a map ahead run without the allocator's lock: the engine
     allocates from mapped pages meanwhile, and the pages then serve allocations as they are."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import threading
 import time
 
 import pytest
@@ -220,4 +222,38 @@ def test_a_shortfall_is_asked_for_in_one_go_so_the_holder_owes_it_at_once(monkey
     finally:
         for stack in stacks.values():
             stack.close()
+        remove_segment(segment)
+
+
+def test_on_a_device_backend_pages_emptied_by_the_engine_are_unmapped_on_the_stacks_thread(monkeypatch):
+    """A device unmap waits for the device's queued work (counted by the ACL shim), so
+    the stack does it on its own thread, never on the thread that freed the blocks."""
+    segment = f"/vmkv-{os.getuid()}-unmapper{os.getpid()}"
+    monkeypatch.setenv("VMKV_SEGMENT", segment)
+    monkeypatch.setenv("VMKV_BACKEND", "acl")
+    monkeypatch.setenv("VMKV_BUDGET", "64M")
+    shim = ctypes.CDLL(os.environ["VMKV_ACL_LIBRARY"])
+    settings = StackSettings("a", "test", "tiny", spill=False, keep_free_pages=0)
+    stack = KVStack(torch.device("cpu"), [64 << 10] * 4, 2048, settings)
+    try:
+        allocator = stack.allocator
+        blocks = allocator.alloc(2 * allocator.blocks_per_page)
+        assert blocks is not None and stack.space.mapped_pages == 3
+        threads, syncs = [], shim.vmkv_shim_device_syncs()
+        unmap = stack.space.unmap_pages
+
+        def recording_unmap(pages):
+            threads.append(threading.current_thread().name)
+            unmap(pages)
+
+        stack.space.unmap_pages = recording_unmap
+        allocator.free(blocks)
+        deadline = time.monotonic() + 10
+        while stack.space.mapped_pages > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stack.space.mapped_pages == 1 and threads == ["vmkv-unmapper"]
+        assert shim.vmkv_shim_device_syncs() == syncs + 1  # one wait for the whole batch
+        assert stack.pool.stats().in_use == stack.space.physical_per_page  # the memory went back
+    finally:
+        stack.close()
         remove_segment(segment)

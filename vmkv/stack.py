@@ -128,12 +128,18 @@ class KVStack:
         self.allocator = BlockAllocator(
             self.space, keep_free_pages=settings.keep_free_pages, num_blocks=num_blocks
         )
+        if self.vmm.kind != "host":  # a device unmap waits for the device: not on the engine's thread
+            self.allocator.on_retired = self._unmap_later
         self.reclaimer = Reclaimer(self.pool, [self.allocator])
         self.instance.reclaimer = self.reclaimer
         self.spill: SpillStore | None = None
         self._grantable, self._grantable_at, self._grantable_changes = 0, float("-inf"), -1
         self._prefetch: threading.Thread | None = None
         self._mapper: threading.Thread | None = None
+        self._unmapper: threading.Thread | None = None
+        self._unmapper_start = threading.Lock()
+        self._unmap_wanted = threading.Event()
+        self._closing = False
 
     def grantable_blocks(self) -> int:
         """Blocks this instance could map now without waiting for anyone: its pooled
@@ -166,6 +172,12 @@ class KVStack:
         if self.pool.debt_age() <= self.settings.debt_grace_s:
             return 0
         return -(-self.pool.debt // self.space.physical_per_page)
+
+    def give_back(self) -> None:
+        """Return every empty page's memory to the device and the coordinator now (after
+        an engine freed all but its null block's page: a flush, warmup's pages)."""
+        self.allocator.unmap_retired()
+        self.pool.trim()
 
     def pay(self) -> None:
         """Pay the debt from empty pages and cold blocks now (after a preemption)."""
@@ -230,6 +242,25 @@ class KVStack:
             if self.allocator.map_ahead(min(want, MAP_AHEAD_BATCH)) == 0:
                 return
 
+    def _unmap_later(self) -> None:
+        """Pages emptied on the engine's thread are unmapped on this stack's thread: on
+        a device, an unmap first waits for the work queued there (a request's last step
+        may still be writing its blocks), which the engine must not wait for."""
+        with self._unmapper_start:
+            if self._unmapper is None:
+                thread = threading.Thread(target=self._unmap_retired, name="vmkv-unmapper", daemon=True)
+                self._unmapper = thread
+                thread.start()
+        self._unmap_wanted.set()
+
+    def _unmap_retired(self) -> None:
+        while True:
+            self._unmap_wanted.wait()
+            self._unmap_wanted.clear()
+            if self._closing:
+                return
+            self.allocator.unmap_retired()
+
     def attach_cache(
         self, cache: ColdCache, tensors: Sequence[torch.Tensor], namespace: Namespace, block_dim: int = 0
     ) -> None:
@@ -263,9 +294,12 @@ class KVStack:
         return fresh[0]
 
     def close(self) -> None:
-        for thread in (self._prefetch, self._mapper):
+        self._closing = True
+        self._unmap_wanted.set()
+        for thread in (self._prefetch, self._mapper, self._unmapper):
             if thread is not None:
                 thread.join()
+        self.allocator.unmap_retired()
         self.instance.close()
         if self.spill is not None:
             self.spill.close()

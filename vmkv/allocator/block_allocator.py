@@ -16,7 +16,7 @@ from __future__ import annotations
 import heapq
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from vmkv.allocator.kv_space import KVSpace
@@ -87,6 +87,14 @@ class BlockAllocator:
         # Held by map_ahead across its driver calls, while its pages are in neither the
         # unmapped heap nor the mapped pages; take this one first, then ``lock``.
         self._ahead_lock = threading.Lock()
+        # Empty pages on their way out: out of the free lists, not yet in the unmapped
+        # heap. unmap_retired unmaps them outside ``lock``: on a device an unmap first
+        # waits for the device's queued work, and the engine must not wait on the lock
+        # meanwhile. Set on_retired to have that done elsewhere (KVStack: on a thread of
+        # its own); unset, free() does it on its caller's thread after the lock.
+        self._retiring: list[int] = []
+        self._unmap_lock = threading.Lock()
+        self.on_retired: Callable[[], None] | None = None
         self._spares, self._spares_until = 0, 0.0  # see hold_spares
         self._allocated = bytearray(self.num_blocks)
         # Mapped page -> its free slots, popped lowest id first.
@@ -209,6 +217,7 @@ class BlockAllocator:
         blocks = list(blocks)
         with self.lock:
             self._free(blocks)
+        self._settle()
 
     def _free(self, blocks: list[int]) -> None:
         self._check_freeable(blocks)
@@ -290,6 +299,7 @@ class BlockAllocator:
         Give them back with :meth:`free_pages`."""
         wanted = set(pages)
         pages = sorted(wanted)
+        self.unmap_retired()  # a page on its way out is unmapped first
         with self._ahead_lock, self.lock:
             for page in pages:
                 if isinstance(page, bool) or not isinstance(page, int):
@@ -347,12 +357,41 @@ class BlockAllocator:
                 self._free_mapped += len(held)
                 self._used -= len(held)
             self._release_empty_pages(self._kept_pages())
+        self._settle()
 
     def trim(self, pages: int | None = None) -> int:
         """Unmap fully free pages now (all of them, or up to ``pages``); returns how many."""
         with self.lock:
             empty = len(self._empty_pages())
-            return self._release_empty_pages(empty - min(empty, pages) if pages is not None else 0)
+            released = self._release_empty_pages(empty - min(empty, pages) if pages is not None else 0)
+        self.unmap_retired()
+        return released
+
+    def unmap_retired(self) -> None:
+        """Unmap the pages that emptied past what is kept mapped, and return their memory
+        to the pool. Not under ``lock``: allocations and frees go on meanwhile."""
+        with self._unmap_lock:
+            with self.lock:
+                pages, self._retiring = self._retiring, []
+            if not pages:
+                return
+            try:
+                self.space.unmap_pages(pages)
+            except BaseException:
+                with self.lock:
+                    self._retiring.extend(pages)
+                raise
+            with self.lock:
+                for page in pages:
+                    heapq.heappush(self._unmapped, page)
+                    self._unmapped_blocks += len(self.page_blocks(page))
+
+    def _settle(self) -> None:
+        if self._retiring:
+            if self.on_retired is not None:
+                self.on_retired()
+            else:
+                self.unmap_retired()
 
     # -- internals ---------------------------------------------------------------------
 
@@ -417,12 +456,10 @@ class BlockAllocator:
         if excess <= 0:
             return 0
         victims = empty[len(empty) - excess :]  # the highest pages go first
-        self.space.unmap_pages(victims)
         for page in victims:
             size = len(self.page_blocks(page))
             self._pages_by_free[size].discard(page)
             del self._free_slots[page]
-            heapq.heappush(self._unmapped, page)
             self._free_mapped -= size
-            self._unmapped_blocks += size
+        self._retiring.extend(victims)  # see unmap_retired
         return excess

@@ -131,14 +131,25 @@ class KVSpace:
         return True
 
     def unmap_pages(self, pages: Sequence[int]) -> None:
-        """Unmap KV pages in one batched call and return their memory to the pool."""
+        """Unmap KV pages in one batched call and return their memory to the pool.
+
+        The driver call runs outside the lock, as in map_pages: on a device it first
+        waits for the work queued there. A page being unmapped counts as unmapped; the
+        caller must not map it again before this returns."""
         if not pages:
             return
         with self._lock:
             self._check_pages(pages, want_mapped=True)
+            physical = {page: self._mapped.pop(page) for page in pages}
+        try:
             self.vmm.unmap([a for page in pages for a in self._addresses(page)])
-            for page in pages:
-                self.pool.release(self._mapped.pop(page))
+        except BaseException:
+            with self._lock:
+                self._mapped.update(physical)
+            raise
+        with self._lock:
+            for held in physical.values():
+                self.pool.release(held)
 
     def tensor(self, buffer: int, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
         """A tensor view starting at ``buffer``. It may span the following buffers (e.g.

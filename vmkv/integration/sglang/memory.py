@@ -155,7 +155,7 @@ class ElasticIds:
         super().clear()
         if self._ids is not None:
             self._ids.release_all()
-            self._stack.pool.trim()
+            self._stack.give_back()
             self.free_pages = self._ids.initial()
 
     def available_size(self) -> int:

@@ -202,7 +202,7 @@ def wrap_warmup_kernels(original: Callable[..., None]) -> Callable[..., None]:
         finally:
             if taken:
                 allocator.free_pages(taken)
-                _worker.stack.pool.trim()
+                _worker.stack.give_back()
 
     return warmup_kernels
 
