@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,6 +16,26 @@ from vmkv.allocator.reclaim import holders_to_preempt
 from vmkv.coordinator import Segment
 from vmkv.coordinator.segment import remove_segment
 from vmkv.stack import KVStack, StackSettings
+
+
+@contextlib.contextmanager
+def two_stacks(monkeypatch, tag: str, budget: str) -> Iterator[tuple[KVStack, KVStack]]:
+    """Instances a and b, each 64 MiB of virtual KV space in 4 MiB KV pages (1 MiB
+    physical pages), sharing ``budget`` on a segment of their own."""
+    segment = f"/vmkv-{os.getuid()}-{tag}{os.getpid()}"
+    monkeypatch.setenv("VMKV_SEGMENT", segment)
+    monkeypatch.setenv("VMKV_BUDGET", budget)
+    monkeypatch.setenv("VMKV_PAGE_BYTES", "1M")
+    stacks: list[KVStack] = []
+    try:
+        for name in ("a", "b"):
+            settings = StackSettings(name, "test", "tiny", spill=False, keep_free_pages=0)
+            stacks.append(KVStack(torch.device("cpu"), [64 << 10] * 4, 256, settings))
+        yield stacks[0], stacks[1]
+    finally:
+        for stack in stacks:
+            stack.close()
+        remove_segment(segment)
 
 
 def test_settings_come_from_the_environment(monkeypatch):
@@ -75,16 +97,7 @@ def test_prefetch_takes_idle_pages_another_instance_holds(monkeypatch):
     """An engine admits a request only when its free count covers it; when another
     instance holds the whole budget idle, that count is 0 and nothing would ever ask for
     the pages. prefetch() leases them (reclaiming) so they show as free."""
-    segment = f"/vmkv-{os.getuid()}-prefetch{os.getpid()}"
-    monkeypatch.setenv("VMKV_SEGMENT", segment)
-    monkeypatch.setenv("VMKV_BUDGET", "16M")
-    monkeypatch.setenv("VMKV_PAGE_BYTES", "1M")
-    stacks = {}
-    try:
-        for name in ("a", "b"):
-            settings = StackSettings(name, "test", "tiny", spill=False, keep_free_pages=0)
-            stacks[name] = KVStack(torch.device("cpu"), [64 << 10] * 4, 256, settings)  # 64 MiB virtual
-        a, b = stacks["a"], stacks["b"]
+    with two_stacks(monkeypatch, "prefetch", "16M") as (a, b):
         blocks = a.allocator.alloc(a.grantable_blocks())
         assert blocks is not None and b.grantable_blocks() == 0
         a.allocator.free(blocks)  # a is idle now, but still holds all but b's null-block page
@@ -98,10 +111,6 @@ def test_prefetch_takes_idle_pages_another_instance_holds(monkeypatch):
         assert b.grantable_blocks() >= wanted, "prefetch did not take a's idle pages"
         assert a.pool.stats().pooled == 0 and b.pool.stats().pooled == idle
         assert b.allocator.alloc(wanted) is not None
-    finally:
-        for stack in stacks.values():
-            stack.close()
-        remove_segment(segment)
 
 
 def test_a_step_that_took_pages_gets_as_many_mapped_ahead_from_free_budget_only(monkeypatch):
@@ -109,16 +118,7 @@ def test_a_step_that_took_pages_gets_as_many_mapped_ahead_from_free_budget_only(
     pages ahead on its own thread, so that the next such step maps nothing itself. It
     takes only free budget, never another instance's pages, and the spares it holds go
     back at once when another instance asks."""
-    segment = f"/vmkv-{os.getuid()}-ahead{os.getpid()}"
-    monkeypatch.setenv("VMKV_SEGMENT", segment)
-    monkeypatch.setenv("VMKV_BUDGET", "32M")  # 8 KV pages of 4 MiB
-    monkeypatch.setenv("VMKV_PAGE_BYTES", "1M")
-    stacks = {}
-    try:
-        for name in ("a", "b"):
-            settings = StackSettings(name, "test", "tiny", spill=False, keep_free_pages=0)
-            stacks[name] = KVStack(torch.device("cpu"), [64 << 10] * 4, 256, settings)
-        a, b = stacks["a"], stacks["b"]
+    with two_stacks(monkeypatch, "ahead", "32M") as (a, b):
         bpp = a.allocator.blocks_per_page
         step = a.allocator.alloc(2 * bpp)  # a step that took two pages' worth
         assert step is not None
@@ -149,10 +149,6 @@ def test_a_step_that_took_pages_gets_as_many_mapped_ahead_from_free_budget_only(
         assert a.allocator.num_empty_mapped_pages() == 0 and b.pool.stats().held == b_held + 8
         a.allocator.free(step)
         b.allocator.free(rest + more)
-    finally:
-        for stack in stacks.values():
-            stack.close()
-        remove_segment(segment)
 
 
 def test_an_overdue_debt_names_the_requests_on_the_pages_fewest_of_them_share(monkeypatch):
@@ -202,16 +198,7 @@ def test_a_shortfall_is_asked_for_in_one_go_so_the_holder_owes_it_at_once(monkey
     """b lacks three KV pages that a's running requests hold: one ask makes a owe all it
     holds above its fair share at once (one grace period, one preemption), not a page per
     ask."""
-    segment = f"/vmkv-{os.getuid()}-oneask{os.getpid()}"
-    monkeypatch.setenv("VMKV_SEGMENT", segment)
-    monkeypatch.setenv("VMKV_BUDGET", "32M")  # 8 KV pages of 4 MiB; a fair share is 4
-    monkeypatch.setenv("VMKV_PAGE_BYTES", "1M")
-    stacks = {}
-    try:
-        for name in ("a", "b"):
-            settings = StackSettings(name, "test", "tiny", spill=False, keep_free_pages=0)
-            stacks[name] = KVStack(torch.device("cpu"), [64 << 10] * 4, 256, settings)
-        a, b = stacks["a"], stacks["b"]
+    with two_stacks(monkeypatch, "oneask", "32M") as (a, b):  # 8 KV pages; a fair share is 4
         per_page, bpp = a.space.physical_per_page, a.allocator.blocks_per_page
         running = a.allocator.alloc(a.grantable_blocks())  # a: 7 KV pages, all in use
         assert running is not None and a.pool.stats().held == 7 * per_page
@@ -219,10 +206,6 @@ def test_a_shortfall_is_asked_for_in_one_go_so_the_holder_owes_it_at_once(monkey
         b._prefetch.join(timeout=10)
         assert a.pool.debt == 3 * per_page  # what a holds above its fair share of 4
         a.allocator.free(running)
-    finally:
-        for stack in stacks.values():
-            stack.close()
-        remove_segment(segment)
 
 
 def test_on_a_device_backend_pages_emptied_by_the_engine_are_unmapped_on_the_stacks_thread(monkeypatch):
