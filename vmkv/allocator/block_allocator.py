@@ -299,7 +299,7 @@ class BlockAllocator:
         Give them back with :meth:`free_pages`."""
         wanted = set(pages)
         pages = sorted(wanted)
-        self.unmap_retired()  # a page on its way out is unmapped first
+        self.unmap_retired()  # a page on its way out is unmapped first (it shows as mapped)
         with self._ahead_lock, self.lock:
             for page in pages:
                 if isinstance(page, bool) or not isinstance(page, int):

@@ -188,6 +188,7 @@ def wrap_warmup_kernels(original: Callable[..., None]) -> Callable[..., None]:
 
         def execute_with_pages(scheduler_output: Any) -> Any:
             pages = {block // allocator.blocks_per_page for block in _named_blocks(scheduler_output)}
+            allocator.unmap_retired()  # a page on its way out still shows as mapped
             missing = sorted(p for p in pages if not allocator.space.is_mapped(p))
             if missing and not allocator.take_pages(missing):
                 raise RuntimeError(
