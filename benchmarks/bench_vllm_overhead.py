@@ -24,16 +24,67 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 from common import emit
 
 CORES = 4  # pinned per side: the same cores for vanilla and vmkv
 
 
-def measure(args: argparse.Namespace) -> dict[str, float]:
+class StepProbe:
+    """Where a batch's engine-thread time goes, to tell vmkv's costs apart: the
+    scheduler's ``schedule`` and ``update_from_output`` per step, and (with vmkv) the KV
+    pages mapped and unmapped, on the engine's thread and on vmkv's own threads."""
+
+    def __init__(self, llm: Any) -> None:
+        scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+        self.engine_thread = threading.get_ident()
+        self.counts: dict[str, float] = {}
+        for name in ("schedule", "update_from_output"):
+            setattr(scheduler, name, self._timed(name, getattr(scheduler, name)))
+        if os.environ.get("VMKV") == "1":
+            from vmkv.allocator.kv_space import KVSpace
+
+            for name in ("map_pages", "unmap_pages"):
+                setattr(KVSpace, name, self._timed_pages(name, getattr(KVSpace, name)))
+
+    def _add(self, key: str, seconds: float, count: int = 1) -> None:
+        self.counts[key + "_ms"] = self.counts.get(key + "_ms", 0.0) + 1e3 * seconds
+        self.counts[key + "_n"] = self.counts.get(key + "_n", 0) + count
+
+    def _timed(self, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self._add(name, time.perf_counter() - start)
+
+        return timed
+
+    def _timed_pages(self, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(space: Any, pages: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return method(space, pages)
+            finally:
+                where = "engine" if threading.get_ident() == self.engine_thread else "vmkv_thread"
+                self._add(f"{name}_{where}", time.perf_counter() - start, len(pages))
+
+        return timed
+
+    def take(self) -> dict[str, float]:
+        """What was counted since the last call, rounded for printing."""
+        counts, self.counts = self.counts, {}
+        return {key: round(value, 1) for key, value in sorted(counts.items())}
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
     """In this process: the best tokens per second of ``repeats`` runs of ``prompts``
-    requests (after a warm-up)."""
+    requests (after a warm-up), and each run's StepProbe counts."""
     available = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, available[-CORES:])
     from vllm import LLM, SamplingParams
@@ -49,17 +100,20 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     )
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     batch = [f"request {i}: " + "tell me a long story about a tiny model " * 4 for i in range(args.prompts)]
+    probe = StepProbe(llm)
     llm.generate(batch[:8], params, use_tqdm=False)
-    rates = []
+    probe.take()
+    rates, probes = [], []
     for _ in range(args.repeats):
         start = time.perf_counter()
         outputs = llm.generate(batch, params, use_tqdm=False)
         seconds = time.perf_counter() - start
         rates.append(sum(len(o.outputs[0].token_ids) for o in outputs) / seconds)
-    return {"tokens_per_s": max(rates), "all_tokens_per_s": rates}
+        probes.append(probe.take())
+    return {"tokens_per_s": max(rates), "all_tokens_per_s": rates, "probes": probes}
 
 
-def run_side(args: argparse.Namespace, vmkv: bool) -> dict[str, float]:
+def run_side(args: argparse.Namespace, vmkv: bool) -> dict[str, Any]:
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1"}
     env.pop("VMKV", None)
     if vmkv:
@@ -105,6 +159,9 @@ def main() -> None:
             f"(every batch: vanilla {batches[False]}, vmkv {batches[True]})",
             flush=True,
         )
+        for vmkv in order:
+            for batch_, counts in enumerate(sides[vmkv]["probes"]):
+                print(f"  {'vmkv' if vmkv else 'vanilla'} batch {batch_}: {counts}", flush=True)
     ratios = sorted(r["ratio"] for r in rows)
     ratio = statistics.median(ratios)
     print(f"vmkv / vanilla throughput: {ratio:.3f}, rounds {ratios[0]:.3f}..{ratios[-1]:.3f} (goal >= 0.99)")

@@ -44,7 +44,7 @@ tests)
 bench)
   model=$(model_dir)
   (cd benchmarks && python3 bench_vllm_overhead.py "$model" --kv-bytes "${KV_BYTES:-$((4 << 30))}" --prompts 256 \
-     --max-tokens 128 --rounds "${ROUNDS:-3}" --repeats 3 ${BENCH_ARGS:-} --json) 2>&1 | tee "$OUT/bench_vllm_overhead_gpu.txt" | tail -6 ;;
+     --max-tokens 128 --rounds "${ROUNDS:-3}" --repeats "${REPEATS:-3}" ${BENCH_ARGS:-} --json) 2>&1 | tee "$OUT/bench_vllm_overhead_gpu.txt" | tail -6 ;;
 coloc)  # the run stays in /tmp/vmkv-coloc; $OUT gets what fits its 8-file limit
   model=$(model_dir)
   run=/tmp/vmkv-coloc
