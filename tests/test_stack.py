@@ -123,8 +123,7 @@ def test_a_step_that_took_pages_gets_as_many_mapped_ahead_from_free_budget_only(
         step = a.allocator.alloc(2 * bpp)  # a step that took two pages' worth
         assert step is not None
         a.map_ahead(2 * bpp)
-        assert a._mapper is not None
-        a._mapper.join(timeout=10)
+        assert a._mapper.wait_idle(timeout=10)
         assert a.allocator.num_empty_mapped_pages() == 2
         mapped = a.space.mapped_pages
         again = a.allocator.alloc(2 * bpp)  # the next such step maps nothing
@@ -136,8 +135,7 @@ def test_a_step_that_took_pages_gets_as_many_mapped_ahead_from_free_budget_only(
         assert rest is not None and b.grantable_blocks() == 0
         b_held = b.pool.stats().held
         a.map_ahead(4 * bpp)  # wants more spares: only b's pages are left, and it takes none
-        if a._mapper is not None:
-            a._mapper.join(timeout=10)
+        assert a._mapper.wait_idle(timeout=10)
         assert a.space.mapped_pages == mapped and b.pool.stats().held == b_held
 
         deadline = time.monotonic() + 10  # b asks (as its engine does on a shortfall): a's spares go

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from vmkv.allocator import BlockAllocator, KVSpace, PagePool
 from vmkv.allocator.reclaim import ColdCache, ColdTier, Reclaimer
+from vmkv.background import BackgroundChore
 from vmkv.coordinator import Instance, join, open_segment, parse_size
 from vmkv.vmm_ops import Vmm, open_vmm
 
@@ -128,18 +129,17 @@ class KVStack:
         self.allocator = BlockAllocator(
             self.space, keep_free_pages=settings.keep_free_pages, num_blocks=num_blocks
         )
-        if self.vmm.kind != "host":  # a device unmap waits for the device: not on the engine's thread
-            self.allocator.on_retired = self._unmap_later
+        # Mapping ahead and (on a device, where an unmap first waits for the work queued
+        # there) unmapping emptied pages run on threads of this stack, not the engine's.
+        self._mapper = BackgroundChore("vmkv-mapper", self._map_spares)
+        self._unmapper = BackgroundChore("vmkv-unmapper", self.allocator.unmap_retired)
+        if self.vmm.kind != "host":
+            self.allocator.on_retired = self._unmapper.wake
         self.reclaimer = Reclaimer(self.pool, [self.allocator])
         self.instance.reclaimer = self.reclaimer
         self.spill: SpillStore | None = None
         self._grantable, self._grantable_at, self._grantable_changes = 0, float("-inf"), -1
         self._prefetch: threading.Thread | None = None
-        self._mapper: threading.Thread | None = None
-        self._unmapper: threading.Thread | None = None
-        self._unmapper_start = threading.Lock()
-        self._unmap_wanted = threading.Event()
-        self._closing = False
 
     def grantable_blocks(self) -> int:
         """Blocks this instance could map now without waiting for anyone: its pooled
@@ -225,14 +225,13 @@ class KVStack:
         in the same step, so such a step takes many pages at once; mapping them in the
         step stalls it. The mapper uses only memory the instance has pooled or the
         budget has free: it never reclaims from others, and maps nothing while the
-        instance owes."""
+        instance owes. This runs at every step: it only reads counters and wakes the
+        mapper."""
         allocator = self.allocator
         if step_blocks > 0:
             allocator.hold_spares(-(-step_blocks // allocator.blocks_per_page), SPARE_HOLD_S)
-        idle = self._mapper is None or not self._mapper.is_alive()
-        if idle and allocator.spares_wanted() and self.grantable_blocks() > 0:
-            self._mapper = threading.Thread(target=self._map_spares, name="vmkv-mapper", daemon=True)
-            self._mapper.start()
+        if allocator.spares_wanted() and not self.pool.debt:
+            self._mapper.wake()
 
     def _map_spares(self) -> None:
         per_page = self.space.physical_per_page
@@ -241,25 +240,6 @@ class KVStack:
                 return
             if self.allocator.map_ahead(min(want, MAP_AHEAD_BATCH)) == 0:
                 return
-
-    def _unmap_later(self) -> None:
-        """Pages emptied on the engine's thread are unmapped on this stack's thread: on
-        a device, an unmap first waits for the work queued there (a request's last step
-        may still be writing its blocks), which the engine must not wait for."""
-        with self._unmapper_start:
-            if self._unmapper is None:
-                thread = threading.Thread(target=self._unmap_retired, name="vmkv-unmapper", daemon=True)
-                self._unmapper = thread
-                thread.start()
-        self._unmap_wanted.set()
-
-    def _unmap_retired(self) -> None:
-        while True:
-            self._unmap_wanted.wait()
-            self._unmap_wanted.clear()
-            if self._closing:
-                return
-            self.allocator.unmap_retired()
 
     def attach_cache(
         self, cache: ColdCache, tensors: Sequence[torch.Tensor], namespace: Namespace, block_dim: int = 0
@@ -294,11 +274,10 @@ class KVStack:
         return fresh[0]
 
     def close(self) -> None:
-        self._closing = True
-        self._unmap_wanted.set()
-        for thread in (self._prefetch, self._mapper, self._unmapper):
-            if thread is not None:
-                thread.join()
+        self._mapper.close()
+        self._unmapper.close()
+        if self._prefetch is not None:
+            self._prefetch.join()
         self.allocator.unmap_retired()
         self.instance.close()
         if self.spill is not None:

@@ -105,7 +105,9 @@ PYBIND11_MODULE(_table, m) {
           py::arg("slot"), py::arg("generation"), py::arg("pages"), py::arg("waited_ns") = 0)
       .def("try_grant", &Table::try_grant, py::arg("slot"), py::arg("generation"), py::arg("pages"),
            py::arg("waited_ns"), release_gil())
-      .def("headroom", &Table::headroom, py::arg("slot"), py::arg("generation"), release_gil())
+      // No GIL release: an engine's scheduler asks at every step, the call takes a
+      // microsecond, and a release lets a busy thread of the engine's run first.
+      .def("headroom", &Table::headroom, py::arg("slot"), py::arg("generation"))
       .def("note_miss", &Table::note_miss, py::arg("slot"), py::arg("generation"), py::arg("waited_ns"),
            release_gil())
       .def("release", &Table::release, py::arg("slot"), py::arg("generation"), py::arg("pages"), py::arg("held"),

@@ -158,34 +158,47 @@ class VmkvBlockPool(BlockPool):
     # -- allocation ----------------------------------------------------------------------
 
     def get_new_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
+        """Empty blocks from the allocator first, then cached free blocks (evicted), in
+        one pass under the lock: vLLM asks for every request that crosses into a block."""
         self._step_blocks += num_blocks
         with self._lock:
             fresh = self._allocator.alloc_up_to(num_blocks)
-            reuse = min(num_blocks - len(fresh), self.free_block_queue.num_free_blocks)
-            cached = self.free_block_queue.popleft_n(reuse)
-        missing = num_blocks - len(fresh) - len(cached)
+            missing = num_blocks - len(fresh)
+            cached = self.free_block_queue.popleft_n(min(missing, self.free_block_queue.num_free_blocks))
+            missing -= len(cached)
+            if missing == 0:
+                return self._hand_out(fresh, cached)
+        fresh += self._grow(missing, fresh, cached)
+        with self._lock:
+            return self._hand_out(fresh, cached)
+
+    def _grow(self, missing: int, fresh: list[int], cached: list[KVCacheBlock]) -> list[int]:
+        """``missing`` more blocks once the coordinator grants them: the budget counted
+        as free went to another instance meanwhile. After GROW_RETRY_S the blocks taken
+        so far go back and the step fails, as vLLM's own pool does when it runs out."""
         deadline = time.monotonic() + GROW_RETRY_S
-        while missing > 0:  # the budget counted as free went to someone else: ask again
-            more = self._allocator.alloc(missing)
-            if more is not None:
-                fresh += more
-                break
+        while (more := self._allocator.alloc(missing)) is None:
             if time.monotonic() > deadline:
                 with self._lock:
                     self._allocator.free(fresh)
                     self.free_block_queue.append_n(cached)
-                raise RuntimeError(f"vmkv could not provide {num_blocks} KV blocks within {GROW_RETRY_S} s")
+                raise RuntimeError(f"vmkv could not provide {missing} more KV blocks within {GROW_RETRY_S} s")
             time.sleep(0.01)
+        return more
+
+    def _hand_out(self, fresh: list[int], cached: list[KVCacheBlock]) -> list[KVCacheBlock]:
+        """What vLLM's get_new_blocks does to the blocks it pops; empty blocks have no
+        hash to evict."""
         blocks = [self.blocks[block_id] for block_id in fresh] + cached
-        with self._lock:
-            if getattr(self, "_reuse_watchers", None):  # vLLM 0.32 and later
-                self._notify_reuse(blocks)
-            for block in blocks:
-                if self.enable_caching:
-                    self._maybe_evict_cached_block(block)
-                block.ref_cnt += 1
-                if self.metrics_collector:
-                    self.metrics_collector.on_block_allocated(block)
+        if getattr(self, "_reuse_watchers", None):  # vLLM 0.32 and later
+            self._notify_reuse(blocks)
+        if self.enable_caching:
+            for block in cached:
+                self._maybe_evict_cached_block(block)
+        for block in blocks:
+            block.ref_cnt += 1
+            if self.metrics_collector:
+                self.metrics_collector.on_block_allocated(block)
         return blocks
 
     def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock]) -> None:
