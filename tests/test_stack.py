@@ -201,7 +201,7 @@ def test_a_shortfall_is_asked_for_in_one_go_so_the_holder_owes_it_at_once(monkey
         running = a.allocator.alloc(a.grantable_blocks())  # a: 7 KV pages, all in use
         assert running is not None and a.pool.stats().held == 7 * per_page
         b.prefetch(3 * bpp)
-        b._prefetch.join(timeout=10)
+        assert b._prefetcher.wait_idle(timeout=10)
         assert a.pool.debt == 3 * per_page  # what a holds above its fair share of 4
         a.allocator.free(running)
 

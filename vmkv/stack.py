@@ -20,7 +20,6 @@ engine processes the engine itself spawns:
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -139,7 +138,8 @@ class KVStack:
         self.instance.reclaimer = self.reclaimer
         self.spill: SpillStore | None = None
         self._grantable, self._grantable_at, self._grantable_changes = 0, float("-inf"), -1
-        self._prefetch: threading.Thread | None = None
+        self._prefetcher = BackgroundChore("vmkv-prefetch", self._reserve_prefetched)
+        self._prefetch_pages = 0
 
     def grantable_blocks(self) -> int:
         """Blocks this instance could map now without waiting for anyone: its pooled
@@ -191,23 +191,22 @@ class KVStack:
         count holds only what this instance can map at once. When another instance holds
         the whole budget as idle cached blocks, nothing would ever ask it for them: the
         engine calls this on a shortfall, and the lease reclaims them (spilling) without
-        the engine blocking or being promised blocks that may not come. One at a time."""
-        if blocks <= 0 or (self._prefetch is not None and self._prefetch.is_alive()):
+        the engine blocking or being promised blocks that may not come."""
+        # One at a time: a prefetch in flight has not shown in the free count yet.
+        if blocks <= 0 or not self._prefetcher.wait_idle(0):
             return
         unmapped = self.allocator.num_free_blocks() - self.allocator.num_free_mapped_blocks()
         page_ids = -(-min(blocks, unmapped) // self.allocator.blocks_per_page)
         if page_ids > 0:
-            self._prefetch = threading.Thread(
-                target=self._reserve_pages, args=(page_ids,), name="vmkv-prefetch", daemon=True
-            )
-            self._prefetch.start()
+            self._prefetch_pages = page_ids
+            self._prefetcher.wake()
 
-    def _reserve_pages(self, page_ids: int) -> None:
-        """Lease ``page_ids`` KV pages: in one ask first, so that an instance asked to give
-        them back owes all of them at once and pays in one go (one grace period, one
-        preemption); then one at a time, so that a shortfall larger than the fair share
-        still gets the part within it."""
-        per_page = self.space.physical_per_page
+    def _reserve_prefetched(self) -> None:
+        """Lease the KV pages prefetch asked for: in one ask first, so that an instance
+        asked to give them back owes all of them at once and pays in one go (one grace
+        period, one preemption); then one at a time, so that a shortfall larger than the
+        fair share still gets the part within it."""
+        page_ids, per_page = self._prefetch_pages, self.space.physical_per_page
         if page_ids > 1 and self.pool.reserve(page_ids * per_page):
             return
         for _ in range(page_ids):
@@ -276,8 +275,7 @@ class KVStack:
     def close(self) -> None:
         self._mapper.close()
         self._unmapper.close()
-        if self._prefetch is not None:
-            self._prefetch.join()
+        self._prefetcher.close()
         self.allocator.unmap_retired()
         self.instance.close()
         if self.spill is not None:
