@@ -3,7 +3,8 @@
 # installed into /tmp/site (see README, GPU runs). Logs and JSON go to $OUT.
 #   bash scripts/gpu_vllm.sh setup   only what the others do first (build, plugin entry points)
 #   bash scripts/gpu_vllm.sh tests   the GPU vLLM tests (tiny model, vanilla vs vmkv)
-#   bash scripts/gpu_vllm.sh bench   throughput on vmkv / vanilla, 886M model in /tmp/model
+#   bash scripts/gpu_vllm.sh bench   throughput on vmkv / vanilla, 886M model in /tmp/model (ROUNDS,
+#                                    REPEATS, WARMUP: see benchmarks/bench_vllm_overhead.py)
 #                                    (BENCH_ARGS=--cuda-graphs: vLLM's default, not eager)
 #   bash scripts/gpu_vllm.sh coloc   the co-location benchmark, static split vs vmkv, 886M model
 #                                    (ENGINES=vllm,sgl: SGLang instances too, after
@@ -44,7 +45,8 @@ tests)
 bench)
   model=$(model_dir)
   (cd benchmarks && python3 bench_vllm_overhead.py "$model" --kv-bytes "${KV_BYTES:-$((4 << 30))}" --prompts 256 \
-     --max-tokens 128 --rounds "${ROUNDS:-3}" --repeats "${REPEATS:-3}" ${BENCH_ARGS:-} --json) 2>&1 | tee "$OUT/bench_vllm_overhead_gpu.txt" | tail -6 ;;
+     --max-tokens 128 --rounds "${ROUNDS:-3}" --repeats "${REPEATS:-3}" --warmup "${WARMUP:-0}" ${BENCH_ARGS:-} --json) 2>&1 \
+     | tee "$OUT/bench_vllm_overhead_gpu.txt" | tail -8 ;;
 coloc)  # the run stays in /tmp/vmkv-coloc; $OUT gets what fits its 8-file limit
   model=$(model_dir)
   run=/tmp/vmkv-coloc

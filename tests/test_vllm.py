@@ -197,6 +197,20 @@ def test_preemption_under_pressure_gives_the_same_outputs(tiny_model, segment):
 
 
 @cpu_engine
+def test_budget_taken_by_a_neighbour_after_the_free_count_is_a_miss_not_a_crash(tiny_model, segment):
+    """vLLM checks the free count and then allocates; the count includes the
+    coordinator's free budget, which another instance can take in between and keep
+    (its blocks all in use). The allocation is then vLLM's own miss: it preempts and
+    waits until the budget comes back, and the outputs stay those of vanilla vLLM."""
+    kv = str(2 << 20)
+    vanilla = run_vllm(tiny_model, "pressure", engine_env(False), "--kv-bytes", kv)
+    env = engine_env(True, segment, VMKV_BUDGET="4M", VMKV_KEEP_FREE_PAGES="0")
+    elastic = run_vllm(tiny_model, "stolen", env, "--kv-bytes", kv, "--hold", "3")
+    assert elastic["stolen_pages"] > 0 and elastic["vmkv"]["grow_misses"] > 0, elastic
+    assert elastic["texts"] == vanilla["texts"]
+
+
+@cpu_engine
 def test_tensor_parallel_is_refused_at_startup_naming_why(tiny_model, segment):
     """vmkv does not yet carry its page decisions to other ranks' processes: an engine
     with TP=2 on vmkv stops at startup with that reason, and leaves no instance behind

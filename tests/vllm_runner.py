@@ -13,6 +13,9 @@ SCENARIO prefix:   prompts sharing a long prefix, run, then (after --hold second
 SCENARIO debt:     the pressure prompts in two halves: once the first half runs, the
                    instance owes back every page it maps (as a reclaim that finds no
                    idle pages leaves it), and then the second half arrives.
+SCENARIO stolen:   the pressure prompts, while (with vmkv) another instance takes all of
+                   the coordinator's free budget between vLLM's free count and the
+                   allocation that counted on it, and keeps it for --hold seconds.
 """
 
 from __future__ import annotations
@@ -21,14 +24,15 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 
 
 def prompts_for(scenario: str) -> list[str]:
     if scenario == "basic":
         return [f"hello world {i} " * (3 + 4 * i) for i in range(6)]
-    if scenario in ("pressure", "debt"):
-        count = 16 if scenario == "pressure" else 8
+    if scenario in ("pressure", "debt", "stolen"):
+        count = 8 if scenario == "debt" else 16
         return [f"story {i}: " + "once upon a time there was a tiny model " * 8 for i in range(count)]
     shared = "the shared system prompt says be brief and kind and exact " * 12
     return [shared + f"question {i}" for i in range(4)]
@@ -49,6 +53,7 @@ def vmkv_stats() -> dict:
         "spilled_blocks": stack.reclaimer.spilled_blocks,
         "dropped_blocks": stack.reclaimer.dropped_blocks,
         "reloaded_blocks": worker.block_pool.reloaded_blocks,
+        "grow_misses": worker.block_pool.grow_misses,
         "spill": stack.spill.stats() if stack.spill is not None else None,
     }
 
@@ -69,6 +74,33 @@ def count_events(counts: dict[str, int]) -> None:
         return events
 
     pool.take_events = counted
+
+
+def steal_budget_when_growing(hold_s: float) -> dict[str, int]:
+    """Races the engine as a busy neighbour can: the first time an allocation needs
+    more blocks than are mapped or cached (vLLM's free count included the coordinator's
+    free budget), another instance takes all of that budget first, and gives it back
+    ``hold_s`` seconds later. It answers no reclaim in the meantime. Returns a dict that
+    records the pages taken."""
+    from vmkv.coordinator import join
+    from vmkv.integration.vllm.worker import current_worker
+
+    worker = current_worker()
+    pool = worker.block_pool
+    thief = join(worker.stack.vmm, "thief")
+    stolen = {"pages": 0}
+    get_new_blocks = pool.get_new_blocks
+
+    def racing_get_new_blocks(num_blocks: int) -> list:
+        on_hand = pool._allocator.num_free_mapped_blocks() + pool.free_block_queue.num_free_blocks
+        if not stolen["pages"] and num_blocks > on_hand and (pages := thief.headroom()) > 0:
+            assert thief.acquire(pages)
+            stolen["pages"] = pages
+            threading.Timer(hold_s, thief.release, (pages, 0, 0)).start()
+        return get_new_blocks(num_blocks)
+
+    pool.get_new_blocks = racing_get_new_blocks
+    return stolen
 
 
 def run_in_debt(llm, prompts: list[str], params) -> dict:
@@ -124,7 +156,7 @@ def run_in_debt(llm, prompts: list[str], params) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
-    parser.add_argument("scenario", choices=["basic", "pressure", "prefix", "debt"])
+    parser.add_argument("scenario", choices=["basic", "pressure", "prefix", "debt", "stolen"])
     parser.add_argument("--kv-bytes", type=int, default=8 << 20)
     parser.add_argument("--hold", type=float, default=0.0)
     parser.add_argument("--max-tokens", type=int, default=24)
@@ -157,6 +189,9 @@ def main() -> None:
         count_events(events)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     prompts = prompts_for(args.scenario)
+    stolen = None
+    if args.scenario == "stolen" and os.environ.get("VMKV") == "1":
+        stolen = steal_budget_when_growing(args.hold)
     if args.scenario == "debt":
         result: dict = run_in_debt(llm, prompts, params)
     else:
@@ -175,6 +210,8 @@ def main() -> None:
     if vmkv_on:
         result["vmkv"] = vmkv_stats()
         result["kv_events"] = events
+    if stolen is not None:
+        result["stolen_pages"] = stolen["pages"]
     print(json.dumps(result), flush=True)
     sys.stdout.flush()
     os._exit(0)  # vLLM's shutdown is slow and irrelevant here

@@ -54,8 +54,16 @@ from vmkv.allocator.reclaim import holders_to_preempt
 from vmkv.integration.vllm.worker import check_blocks_outermost, current_worker
 
 # How long get_new_blocks keeps asking the coordinator after a race lost the budget it
-# had counted as free (reclaim from others takes milliseconds).
-GROW_RETRY_S = 5.0
+# had counted as free: reclaim from others' cold blocks takes milliseconds, but a
+# neighbour whose blocks are all in use pays only as its requests finish. Past this the
+# allocation is a miss that vLLM handles as its own (KVBlocksUnavailable), and the
+# engine's thread, which waits here, goes on.
+GROW_RETRY_S = 0.2
+
+
+class KVBlocksUnavailable(RuntimeError):
+    """The blocks the free count promised could not be had in time (see
+    VmkvBlockPool._grow); wrap_allocate_slots turns this into vLLM's own miss."""
 
 
 class VmkvBlockPool(BlockPool):
@@ -81,6 +89,7 @@ class VmkvBlockPool(BlockPool):
         self._pages = worker.stack.pool
         self._grantable, self._grantable_changes = 0, -1
         self.reloaded_blocks = 0
+        self.grow_misses = 0  # allocations that lost counted budget to a neighbour
         super().__init__(num_gpu_blocks, enable_caching, hash_block_size, *args, **kwargs)
         self._lock = self._allocator.lock
         # Only cached free blocks queue here; empty ones live in the allocator.
@@ -175,14 +184,17 @@ class VmkvBlockPool(BlockPool):
     def _grow(self, missing: int, fresh: list[int], cached: list[KVCacheBlock]) -> list[int]:
         """``missing`` more blocks once the coordinator grants them: the budget counted
         as free went to another instance meanwhile. After GROW_RETRY_S the blocks taken
-        so far go back and the step fails, as vLLM's own pool does when it runs out."""
+        so far go back, the free count is read afresh (the budget is gone), and the
+        allocation is a miss."""
         deadline = time.monotonic() + GROW_RETRY_S
         while (more := self._allocator.alloc(missing)) is None:
             if time.monotonic() > deadline:
                 with self._lock:
                     self._allocator.free(fresh)
                     self.free_block_queue.append_n(cached)
-                raise RuntimeError(f"vmkv could not provide {missing} more KV blocks within {GROW_RETRY_S} s")
+                    self._grantable_changes = -1
+                    self.grow_misses += 1
+                raise KVBlocksUnavailable(f"vmkv could not have {missing} more KV blocks in {GROW_RETRY_S} s")
             time.sleep(0.01)
         return more
 
@@ -346,6 +358,26 @@ def preempting(scheduler: Any, victims: list[Request]) -> Iterator[None]:
         yield
     finally:
         del manager.allocate_slots  # the class's method again
+
+
+def wrap_allocate_slots(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``KVCacheManager.allocate_slots`` that answers vLLM's miss (None) when vmkv could
+    not have the blocks its free count promised (KVBlocksUnavailable), instead of letting
+    the error stop the engine: the scheduler then preempts a running request, or leaves
+    a waiting one waiting, as it does when its own pool runs short. By then a request
+    that was not running had the prefix blocks it hit attached; they are freed, so its
+    next try finds them in the cache again instead of attaching them twice."""
+
+    @functools.wraps(original)
+    def allocate_slots(self: Any, request: Request, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(self, request, *args, **kwargs)
+        except KVBlocksUnavailable:
+            if request.status != RequestStatus.RUNNING:
+                self.free(request)
+            return None
+
+    return allocate_slots
 
 
 def wrap_schedule(original: Callable[..., Any], admission_limit: str) -> Callable[..., Any]:

