@@ -19,9 +19,11 @@ sides alternate in order, and the result is the median of the per-round ratios; 
 spread between rounds is printed with it. ``--cuda-graphs`` runs vLLM's default GPU
 configuration (torch.compile and CUDA graphs) instead of eager mode: decoding is then
 bound by the GPU, which is what a deployment sees and a quieter measurement.
+``--control`` runs a second vanilla process in each round and prints vanilla ÷ vanilla
+the same way: the spread of the machine itself, which a vmkv ratio must be read against.
 
   python benchmarks/bench_vllm_overhead.py MODEL_DIR [--prompts 64] [--max-tokens 64]
-      [--cuda-graphs] [--json]
+      [--warmup 0] [--cuda-graphs] [--control] [--json]
 """
 
 from __future__ import annotations
@@ -157,6 +159,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed batches per process; the best counts")
     parser.add_argument("--warmup", type=int, default=0, help="untimed full batches first (see above)")
     parser.add_argument("--cuda-graphs", action="store_true", help="vLLM's default (compiled, CUDA graphs)")
+    parser.add_argument("--control", action="store_true", help="an A/A vanilla side (see above)")
     parser.add_argument("--side", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -165,29 +168,38 @@ def main() -> None:
         print(json.dumps(result), flush=True)
         os._exit(0)  # skip vLLM's slow teardown
     rows = []
+    names = ["vanilla", "vmkv"] + (["control"] if args.control else [])
     for round_ in range(args.rounds):  # alternate the order so drift hits both sides alike
-        order = (False, True) if round_ % 2 == 0 else (True, False)
-        sides = {vmkv: run_side(args, vmkv) for vmkv in order}
-        vanilla_rate, vmkv_rate = sides[False]["tokens_per_s"], sides[True]["tokens_per_s"]
-        ratio = vmkv_rate / vanilla_rate
-        row = {"vanilla_tok_s": vanilla_rate, "vmkv_tok_s": vmkv_rate, "ratio": ratio}
-        row["mean_ratio"] = sides[True]["mean_tokens_per_s"] / sides[False]["mean_tokens_per_s"]
+        order = names if round_ % 2 == 0 else names[::-1]
+        sides = {name: run_side(args, name == "vmkv") for name in order}
+        vanilla, vmkv = sides["vanilla"], sides["vmkv"]
+        ratio = vmkv["tokens_per_s"] / vanilla["tokens_per_s"]
+        row = {"vanilla_tok_s": vanilla["tokens_per_s"], "vmkv_tok_s": vmkv["tokens_per_s"], "ratio": ratio}
+        row["mean_ratio"] = vmkv["mean_tokens_per_s"] / vanilla["mean_tokens_per_s"]
         if args.warmup:
-            row["filling_ratio"] = sides[True]["filling_tokens_per_s"] / sides[False]["filling_tokens_per_s"]
+            row["filling_ratio"] = vmkv["filling_tokens_per_s"] / vanilla["filling_tokens_per_s"]
+        if args.control:
+            row["control_ratio"] = sides["control"]["tokens_per_s"] / vanilla["tokens_per_s"]
         rows.append(row)
-        batches = {vmkv: " ".join(f"{r:.0f}" for r in sides[vmkv]["all_tokens_per_s"]) for vmkv in order}
+        batches = ", ".join(
+            name + " " + " ".join(f"{r:.0f}" for r in sides[name]["all_tokens_per_s"]) for name in order
+        )
         print(
-            f"round {round_}: vanilla {vanilla_rate:.0f} tok/s, vmkv {vmkv_rate:.0f} tok/s "
-            f"(every batch: vanilla {batches[False]}, vmkv {batches[True]})",
+            f"round {round_}: vanilla {vanilla['tokens_per_s']:.0f} tok/s, "
+            f"vmkv {vmkv['tokens_per_s']:.0f} tok/s (every batch: {batches})",
             flush=True,
         )
-        for vmkv in order:
-            for batch_, counts in enumerate(sides[vmkv]["probes"]):
-                print(f"  {'vmkv' if vmkv else 'vanilla'} batch {batch_}: {counts}", flush=True)
+        for name in order:
+            for batch_, counts in enumerate(sides[name]["probes"]):
+                print(f"  {name} batch {batch_}: {counts}", flush=True)
     ratios = sorted(r["ratio"] for r in rows)
     ratio = statistics.median(ratios)
     print(f"vmkv / vanilla throughput: {ratio:.3f}, rounds {ratios[0]:.3f}..{ratios[-1]:.3f} (goal >= 0.99)")
-    others = {"mean of the timed batches": "mean_ratio", "while the cache fills (warm-up)": "filling_ratio"}
+    others = {
+        "mean of the timed batches": "mean_ratio",
+        "while the cache fills (warm-up)": "filling_ratio",
+        "vanilla / vanilla (control: the machine's own spread)": "control_ratio",
+    }
     for label, key in others.items():
         if key in rows[0]:
             values = sorted(r[key] for r in rows)

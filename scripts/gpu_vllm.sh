@@ -4,7 +4,8 @@
 #   bash scripts/gpu_vllm.sh setup   only what the others do first (build, plugin entry points)
 #   bash scripts/gpu_vllm.sh tests   the GPU vLLM tests (tiny model, vanilla vs vmkv)
 #   bash scripts/gpu_vllm.sh bench   throughput on vmkv / vanilla, 886M model in /tmp/model (ROUNDS,
-#                                    REPEATS, WARMUP: see benchmarks/bench_vllm_overhead.py)
+#                                    REPEATS, WARMUP: see benchmarks/bench_vllm_overhead.py;
+#                                    BENCH_ARGS="--cuda-graphs --control" adds an A/A control)
 #                                    (BENCH_ARGS=--cuda-graphs: vLLM's default, not eager)
 #   bash scripts/gpu_vllm.sh coloc   the co-location benchmark, static split vs vmkv, 886M model
 #                                    (ENGINES=vllm,sgl: SGLang instances too, after
