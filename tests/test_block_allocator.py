@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import ctypes
+import os
 import threading
 
 import pytest
@@ -10,7 +12,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from vmkv.allocator import NULL_BLOCK, BlockAllocator, KVSpace, PagePool
 from vmkv.allocator.kv_space import blocks_are_outermost
-from vmkv.vmm_ops import open_vmm
+from vmkv.vmm_ops import DriverError, open_vmm
 
 PAGE = 64 * 1024
 BLOCK_BYTES = 16 * 1024  # 4 blocks per page in each of the two buffers
@@ -191,6 +193,34 @@ def test_pages_freed_with_a_retirement_hook_unmap_only_when_asked_and_off_the_lo
     assert allocator.num_free_blocks() == free_before - 1 + 4
     assert allocator.alloc(4) is not None and space.mapped_pages == 3  # page 1 maps again
     vmm.close()
+
+
+def test_pages_an_unmap_failed_to_free_are_retried_and_the_rest_can_map_again():
+    """Over the ACL shim, whose unmaps fail on request: a driver error part-way through
+    unmapping retired pages leaves the ones it unmapped ready to map again and the rest
+    retiring, and the next unmap_retired finishes them; no page is lost."""
+    shim = ctypes.CDLL(os.environ["VMKV_ACL_LIBRARY"])
+    vmm = open_vmm("acl", page_size=2 << 20)
+    try:
+        space = KVSpace(PagePool(vmm), [512 << 10, 512 << 10], 16)  # 4 blocks a page, 2 physical
+        allocator = BlockAllocator(space)
+        allocator.on_retired = lambda: None  # unmap only when the test says
+        blocks = allocator.alloc(15)  # every page
+        free_blocks = allocator.num_free_blocks()
+        allocator.free(blocks[3:15])  # pages 1, 2, 3 retire
+        shim.vmkv_shim_fail_unmaps_after(3)  # page 1, half of page 2
+        with pytest.raises(DriverError, match="injected"):
+            allocator.unmap_retired()
+        shim.vmkv_shim_fail_unmaps_after(-1)
+        assert [space.is_mapped(page) for page in range(4)] == [True, False, True, True]
+        assert allocator.num_free_blocks() == free_blocks + 4  # page 1 can be had again
+        allocator.unmap_retired()
+        assert space.mapped_pages == 1 and allocator.num_free_blocks() == free_blocks + 12
+        assert vmm.stats()["mapped"] == 2
+        assert allocator.alloc(12) is not None and space.mapped_pages == 4
+    finally:
+        shim.vmkv_shim_fail_unmaps_after(-1)
+        vmm.close()
 
 
 def test_map_ahead_maps_pages_while_the_engine_keeps_allocating():

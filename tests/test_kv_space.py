@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import ctypes
+import os
+
 import pytest
 import torch
 from conftest import MiB
 
 from vmkv.allocator import KVSpace, PagePool
-from vmkv.vmm_ops import open_vmm
+from vmkv.vmm_ops import DriverError, open_vmm
 
 
 @pytest.fixture
@@ -106,6 +109,35 @@ def test_page_misuse(pool):
         KVSpace(pool, [0], 1)
     with pytest.raises(ValueError, match="num_blocks"):
         KVSpace(pool, [4096], 0)
+
+
+def test_an_unmap_that_fails_part_way_leaves_the_bookkeeping_true():
+    """A driver error in the middle of a batched unmap (injected in the ACL shim): the
+    page the driver unmapped wholly gives its memory back, the others stay mapped and
+    keep theirs (none is handed out twice), and once the driver works again, unmapping
+    them finishes the job; the half-unmapped page unmaps only what it has left."""
+    shim = ctypes.CDLL(os.environ["VMKV_ACL_LIBRARY"])
+    vmm = open_vmm("acl", page_size=2 * MiB)
+    try:
+        pool = PagePool(vmm)
+        space, _ = vllm_like_space(pool, layers=2)  # 4 buffers: 4 physical pages per KV page
+        assert space.map_pages([0, 1, 2])
+        shim.vmkv_shim_fail_unmaps_after(6)  # all of page 0, half of page 1
+        with pytest.raises(DriverError, match="injected"):
+            space.unmap_pages([0, 1, 2])
+        shim.vmkv_shim_fail_unmaps_after(-1)
+        assert [space.is_mapped(page) for page in (0, 1, 2)] == [False, True, True]
+        assert pool.stats().in_use == 8 and vmm.stats()["mapped"] == 6
+        with pytest.raises(ValueError, match="not mapped"):
+            space.unmap_pages([0])
+        space.unmap_pages([1, 2])
+        assert (space.mapped_pages, pool.stats().in_use, vmm.stats()["mapped"]) == (0, 0, 0)
+        assert space.map_pages([0, 1, 2])
+        space.close()
+        assert vmm.stats()["mapped"] == 0
+    finally:
+        shim.vmkv_shim_fail_unmaps_after(-1)
+        vmm.close()
 
 
 def test_close_returns_everything(pool):

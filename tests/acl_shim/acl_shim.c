@@ -319,9 +319,25 @@ int vmkv_shim_device_syncs(void) {
   return count;
 }
 
+/* Test hook, not ACL: after `count` more successful unmaps, every unmap fails as a
+ * driver error would (a negative count turns this off), so that tests can reach the
+ * callers' handling of a batch that fails part-way. */
+static int g_unmaps_before_failure = -1;
+
+void vmkv_shim_fail_unmaps_after(int count) {
+  pthread_mutex_lock(&g_lock);
+  g_unmaps_before_failure = count;
+  pthread_mutex_unlock(&g_lock);
+}
+
 aclError aclrtUnmapMem(void *ptr) {
   uintptr_t va = (uintptr_t)ptr;
   pthread_mutex_lock(&g_lock);
+  if (g_unmaps_before_failure == 0) {
+    pthread_mutex_unlock(&g_lock);
+    return fail(ACL_ERROR_RT_PARAM_INVALID, "unmap failure injected by the test");
+  }
+  if (g_unmaps_before_failure > 0) --g_unmaps_before_failure;
   for (int i = 0; i < MAX_OBJECTS; ++i) {
     Physical *p = &g_physical[i];
     if (p->live && p->mapped_at == va) {

@@ -379,14 +379,14 @@ class BlockAllocator:
                 return
             try:
                 self.space.unmap_pages(pages)
-            except BaseException:
+            finally:
                 with self.lock:
-                    self._retiring.extend(pages)
-                raise
-            with self.lock:
-                for page in pages:
-                    heapq.heappush(self._unmapped, page)
-                    self._unmapped_blocks += len(self.page_blocks(page))
+                    for page in pages:
+                        if self.space.is_mapped(page):  # a driver error left it: retried later
+                            self._retiring.append(page)
+                        else:
+                            heapq.heappush(self._unmapped, page)
+                            self._unmapped_blocks += len(self.page_blocks(page))
 
     def _settle(self) -> None:
         if self._retiring:

@@ -69,6 +69,10 @@ class KVSpace:
             offset += self.capacity_blocks * b
         self._lock = threading.Lock()
         self._mapped: dict[int, list[int]] = {}
+        # Mapped pages whose last unmap failed part-way: the addresses already unmapped.
+        # Such a page still counts as mapped and keeps all its physical pages (none may
+        # be mapped twice), and the next unmap of it takes only what is left.
+        self._unmapped_part: dict[int, set[int]] = {}
 
     @property
     def mapped_pages(self) -> int:
@@ -92,6 +96,10 @@ class KVSpace:
             start = base + page * chunk
             out.extend(range(start, start + chunk, size))
         return out
+
+    def _mapped_addresses(self, page: int) -> list[int]:
+        gone = self._unmapped_part.get(page, ())
+        return [a for a in self._addresses(page) if a not in gone]
 
     def _check_pages(self, pages: Sequence[int], want_mapped: bool) -> None:
         if len(set(pages)) != len(pages):
@@ -135,21 +143,38 @@ class KVSpace:
 
         The driver call runs outside the lock, as in map_pages: on a device it first
         waits for the work queued there. A page being unmapped counts as unmapped; the
-        caller must not map it again before this returns."""
+        caller must not map it again before this returns. If the driver fails part-way,
+        the error is raised after the bookkeeping follows what the driver did: pages it
+        unmapped wholly return their memory, the others stay mapped (see _unmapped_part)."""
         if not pages:
             return
         with self._lock:
             self._check_pages(pages, want_mapped=True)
             physical = {page: self._mapped.pop(page) for page in pages}
+            addresses = {page: self._mapped_addresses(page) for page in pages}
         try:
-            self.vmm.unmap([a for page in pages for a in self._addresses(page)])
+            self.vmm.unmap([a for page in pages for a in addresses[page]])
         except BaseException:
-            with self._lock:
-                self._mapped.update(physical)
+            self._after_failed_unmap(physical, addresses)
             raise
         with self._lock:
-            for held in physical.values():
+            for page, held in physical.items():
+                self._unmapped_part.pop(page, None)
                 self.pool.release(held)
+
+    def _after_failed_unmap(self, physical: dict[int, list[int]], addresses: dict[int, list[int]]) -> None:
+        listed = [a for page in physical for a in addresses[page]]
+        still = dict(zip(listed, self.vmm.mapped(listed), strict=True))
+        with self._lock:
+            for page, held in physical.items():
+                gone = {a for a in addresses[page] if not still[a]}
+                if len(gone) == len(addresses[page]):
+                    self._unmapped_part.pop(page, None)
+                    self.pool.release(held)
+                    continue
+                self._mapped[page] = held
+                if gone:
+                    self._unmapped_part.setdefault(page, set()).update(gone)
 
     def tensor(self, buffer: int, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
         """A tensor view starting at ``buffer``. It may span the following buffers (e.g.
@@ -168,7 +193,8 @@ class KVSpace:
         with self._lock:
             if self._mapped:
                 pages = sorted(self._mapped)
-                self.vmm.unmap([a for page in pages for a in self._addresses(page)])
+                self.vmm.unmap([a for page in pages for a in self._mapped_addresses(page)])
+                self._unmapped_part.clear()
                 for page in pages:
                     self.pool.release(self._mapped.pop(page))
             self.vmm.release_reservation(self.base)

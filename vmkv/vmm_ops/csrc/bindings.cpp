@@ -121,6 +121,8 @@ PYBIND11_MODULE(_C, m) {
       .def("unmap", [](VmmHandle& h, const std::vector<uintptr_t>& addresses) { return h.get().unmap(addresses); },
            py::arg("addresses"), release_gil(),
            "Unmap addresses in one batch, after the device's queued work; returns the pages that were there.")
+      .def("mapped", [](VmmHandle& h, const std::vector<uintptr_t>& addresses) { return h.get().mapped(addresses); },
+           py::arg("addresses"), "Whether each address has a page mapped (what a failed unmap batch left).")
       .def("synchronize", [](VmmHandle& h) { h.get().synchronize(); }, release_gil(),
            "Wait for the work already queued on the device (nothing to wait for on the host backend).")
       .def("register_host", [](VmmHandle& h, uintptr_t address, size_t size) { h.get().register_host(address, size); },

@@ -160,6 +160,10 @@ void Vmm::undo_maps(const std::vector<MapPair>& pairs, size_t count) {
     try {
       driver_->unmap(pairs[i].first, page_size_);
     } catch (const std::exception&) {
+      // Still mapped: recorded so, the page cannot be mapped a second time elsewhere
+      // (two addresses over one page would corrupt both), and unmap can retry it.
+      mapping_at_.emplace(pairs[i].first, pairs[i].second);
+      page_at_.emplace(pairs[i].second, pairs[i].first);
     }
   }
 }
@@ -212,6 +216,14 @@ std::vector<uint64_t> Vmm::unmap(const std::vector<uintptr_t>& addresses) {
   }
   counters_.unmap_calls += 1;
   return pages;
+}
+
+std::vector<bool> Vmm::mapped(const std::vector<uintptr_t>& addresses) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<bool> out;
+  out.reserve(addresses.size());
+  for (uintptr_t va : addresses) out.push_back(mapping_at_.count(va) != 0);
+  return out;
 }
 
 void Vmm::register_host(uintptr_t address, size_t size) {

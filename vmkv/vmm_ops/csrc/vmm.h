@@ -54,10 +54,14 @@ class Vmm {
 
   // Maps each page at its address. Every address must be page-aligned, inside one
   // reservation and unmapped; every page must exist and be unmapped; no address or page
-  // may repeat. On a driver failure the pages mapped so far are unmapped again.
+  // may repeat. On a driver failure the pages mapped so far are unmapped again (one
+  // that cannot be stays recorded as mapped, so that no page is mapped twice).
   void map(const std::vector<MapPair>& pairs);
-  // Unmaps each address; returns the page ids that were mapped there, in order.
+  // Unmaps each address; returns the page ids that were mapped there, in order. On a
+  // driver failure the addresses before it are unmapped and recorded so (see mapped).
   std::vector<uint64_t> unmap(const std::vector<uintptr_t>& addresses);
+  // Whether each address has a page mapped: after a batch failed part-way, what it left.
+  std::vector<bool> mapped(const std::vector<uintptr_t>& addresses);
   // Wait for the work already queued on the device (see Driver::quiesce). unmap does it
   // itself; copies out of pages that kernels may still be writing need it first.
   void synchronize() { driver_->quiesce(); }
