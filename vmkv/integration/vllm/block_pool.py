@@ -21,7 +21,9 @@ makes vLLM preempt the running requests on the pages that the fewest of them sha
 (``preempting``), and those pages go at once. When the first waiting request does not fit, the pool
 leases what it lacks in the background (``on_shortfall``), taking other instances' idle
 pages, so the request fits a step later. When another instance needs memory, reclaim
-takes whole pages of cold cached blocks, spilling them to the host tier first.
+takes whole pages of cold cached blocks, spilling them to the host tier first. The free
+count can promise budget that another instance takes before the allocation: that
+allocation is then vLLM's own miss (``wrap_allocate_slots``), as when its pool runs short.
 
 The hooks work per scheduling step, not per request: vLLM calls allocate_slots and the
 free count for every request of every step, and whatever vmkv adds there is paid that
