@@ -211,6 +211,20 @@ def test_budget_taken_by_a_neighbour_after_the_free_count_is_a_miss_not_a_crash(
 
 
 @cpu_engine
+def test_a_lost_race_after_prefix_hits_frees_them_and_the_request_hits_again(tiny_model, segment):
+    """The same race, for a waiting request that had attached the prefix blocks it hit
+    when its new blocks could not be had: the miss frees those blocks again, so that its
+    next try attaches them once, not twice. Afterwards no block is left referenced."""
+    kv = str(2 << 20)
+    vanilla = run_vllm(tiny_model, "stolen_hit", engine_env(False), "--kv-bytes", kv)
+    env = engine_env(True, segment, VMKV_BUDGET="4M", VMKV_KEEP_FREE_PAGES="0")
+    elastic = run_vllm(tiny_model, "stolen_hit", env, "--kv-bytes", kv, "--hold", "2")
+    assert elastic["stolen_pages"] > 0 and elastic["vmkv"]["grow_misses"] > 0, elastic
+    assert elastic["texts"] == vanilla["texts"]
+    assert elastic["usage_after"] == 0.0, elastic
+
+
+@cpu_engine
 def test_tensor_parallel_is_refused_at_startup_naming_why(tiny_model, segment):
     """vmkv does not yet carry its page decisions to other ranks' processes: an engine
     with TP=2 on vmkv stops at startup with that reason, and leaves no instance behind

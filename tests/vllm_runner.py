@@ -16,6 +16,8 @@ SCENARIO debt:     the pressure prompts in two halves: once the first half runs,
 SCENARIO stolen:   the pressure prompts, while (with vmkv) another instance takes all of
                    the coordinator's free budget between vLLM's free count and the
                    allocation that counted on it, and keeps it for --hold seconds.
+SCENARIO stolen_hit: the same race, on prompts sharing a prefix, in an allocation for a
+                   request that has just attached the prefix blocks it hit.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ def prompts_for(scenario: str) -> list[str]:
     if scenario in ("pressure", "debt", "stolen"):
         count = 8 if scenario == "debt" else 16
         return [f"story {i}: " + "once upon a time there was a tiny model " * 8 for i in range(count)]
+    if scenario == "stolen_hit":  # a shared prefix, then more new blocks than a page holds
+        shared = "the shared system prompt says be brief and kind and exact " * 4
+        return [shared + f"question {i}: " + f"tell me about topic {i} " * 10 for i in range(4)]
     shared = "the shared system prompt says be brief and kind and exact " * 12
     return [shared + f"question {i}" for i in range(4)]
 
@@ -58,6 +63,13 @@ def vmkv_stats() -> dict:
     }
 
 
+def current_worker_usage() -> float:
+    """vLLM's KV usage: the share of blocks some request still references (0 when idle)."""
+    from vmkv.integration.vllm.worker import current_worker
+
+    return current_worker().block_pool.get_usage()
+
+
 def count_events(counts: dict[str, int]) -> None:
     """Counts, by type, the KV cache events the scheduler takes from the block pool."""
     from vmkv.integration.vllm.worker import current_worker
@@ -76,12 +88,14 @@ def count_events(counts: dict[str, int]) -> None:
     pool.take_events = counted
 
 
-def steal_budget_when_growing(hold_s: float) -> dict[str, int]:
+def steal_budget_when_growing(hold_s: float, after_a_hit: bool) -> dict[str, int]:
     """Races the engine as a busy neighbour can: the first time an allocation needs
     more blocks than are mapped or cached (vLLM's free count included the coordinator's
     free budget), another instance takes all of that budget first, and gives it back
-    ``hold_s`` seconds later. It answers no reclaim in the meantime. Returns a dict that
-    records the pages taken."""
+    ``hold_s`` seconds later. It answers no reclaim in the meantime. With
+    ``after_a_hit``, only an allocation for a request that has just attached prefix
+    blocks it hit (vLLM touched them) is raced. Returns a dict that records the pages
+    taken."""
     from vmkv.coordinator import join
     from vmkv.integration.vllm.worker import current_worker
 
@@ -89,17 +103,24 @@ def steal_budget_when_growing(hold_s: float) -> dict[str, int]:
     pool = worker.block_pool
     thief = join(worker.stack.vmm, "thief")
     stolen = {"pages": 0}
-    get_new_blocks = pool.get_new_blocks
+    get_new_blocks, touch = pool.get_new_blocks, pool.touch
+    touched: list[bool] = [False]
+
+    def touching(blocks) -> None:
+        touched[0] = bool(blocks)
+        touch(blocks)
 
     def racing_get_new_blocks(num_blocks: int) -> list:
         on_hand = pool._allocator.num_free_mapped_blocks() + pool.free_block_queue.num_free_blocks
-        if not stolen["pages"] and num_blocks > on_hand and (pages := thief.headroom()) > 0:
+        raced = touched[0] or not after_a_hit
+        touched[0] = False
+        if raced and not stolen["pages"] and num_blocks > on_hand and (pages := thief.headroom()) > 0:
             assert thief.acquire(pages)
             stolen["pages"] = pages
             threading.Timer(hold_s, thief.release, (pages, 0, 0)).start()
         return get_new_blocks(num_blocks)
 
-    pool.get_new_blocks = racing_get_new_blocks
+    pool.get_new_blocks, pool.touch = racing_get_new_blocks, touching
     return stolen
 
 
@@ -156,7 +177,7 @@ def run_in_debt(llm, prompts: list[str], params) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
-    parser.add_argument("scenario", choices=["basic", "pressure", "prefix", "debt", "stolen"])
+    parser.add_argument("scenario", choices=["basic", "pressure", "prefix", "debt", "stolen", "stolen_hit"])
     parser.add_argument("--kv-bytes", type=int, default=8 << 20)
     parser.add_argument("--hold", type=float, default=0.0)
     parser.add_argument("--max-tokens", type=int, default=24)
@@ -190,8 +211,8 @@ def main() -> None:
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     prompts = prompts_for(args.scenario)
     stolen = None
-    if args.scenario == "stolen" and os.environ.get("VMKV") == "1":
-        stolen = steal_budget_when_growing(args.hold)
+    if args.scenario.startswith("stolen") and os.environ.get("VMKV") == "1":
+        stolen = steal_budget_when_growing(args.hold, after_a_hit=args.scenario == "stolen_hit")
     if args.scenario == "debt":
         result: dict = run_in_debt(llm, prompts, params)
     else:
@@ -210,6 +231,7 @@ def main() -> None:
     if vmkv_on:
         result["vmkv"] = vmkv_stats()
         result["kv_events"] = events
+        result["usage_after"] = current_worker_usage()
     if stolen is not None:
         result["stolen_pages"] = stolen["pages"]
     print(json.dumps(result), flush=True)
