@@ -197,28 +197,19 @@ def test_preemption_under_pressure_gives_the_same_outputs(tiny_model, segment):
 
 
 @cpu_engine
-def test_budget_taken_by_a_neighbour_after_the_free_count_is_a_miss_not_a_crash(tiny_model, segment):
+@pytest.mark.parametrize("scenario", ["stolen", "stolen_hit"])
+def test_budget_a_neighbour_takes_after_the_free_count_is_a_miss_not_a_crash(tiny_model, segment, scenario):
     """vLLM checks the free count and then allocates; the count includes the
     coordinator's free budget, which another instance can take in between and keep
-    (its blocks all in use). The allocation is then vLLM's own miss: it preempts and
-    waits until the budget comes back, and the outputs stay those of vanilla vLLM."""
+    (its blocks all in use). The allocation is then vLLM's own miss: it preempts or
+    waits until the budget comes back, and the outputs stay those of vanilla vLLM.
+    In ``stolen_hit`` the race is lost by a waiting request that had attached the prefix
+    blocks it hit: the miss frees them, so that its next try attaches them once, not
+    twice. Afterwards no block is left referenced."""
     kv = str(2 << 20)
-    vanilla = run_vllm(tiny_model, "pressure", engine_env(False), "--kv-bytes", kv)
+    vanilla = run_vllm(tiny_model, scenario, engine_env(False), "--kv-bytes", kv)
     env = engine_env(True, segment, VMKV_BUDGET="4M", VMKV_KEEP_FREE_PAGES="0")
-    elastic = run_vllm(tiny_model, "stolen", env, "--kv-bytes", kv, "--hold", "3")
-    assert elastic["stolen_pages"] > 0 and elastic["vmkv"]["grow_misses"] > 0, elastic
-    assert elastic["texts"] == vanilla["texts"]
-
-
-@cpu_engine
-def test_a_lost_race_after_prefix_hits_frees_them_and_the_request_hits_again(tiny_model, segment):
-    """The same race, for a waiting request that had attached the prefix blocks it hit
-    when its new blocks could not be had: the miss frees those blocks again, so that its
-    next try attaches them once, not twice. Afterwards no block is left referenced."""
-    kv = str(2 << 20)
-    vanilla = run_vllm(tiny_model, "stolen_hit", engine_env(False), "--kv-bytes", kv)
-    env = engine_env(True, segment, VMKV_BUDGET="4M", VMKV_KEEP_FREE_PAGES="0")
-    elastic = run_vllm(tiny_model, "stolen_hit", env, "--kv-bytes", kv, "--hold", "2")
+    elastic = run_vllm(tiny_model, scenario, env, "--kv-bytes", kv, "--hold", "2")
     assert elastic["stolen_pages"] > 0 and elastic["vmkv"]["grow_misses"] > 0, elastic
     assert elastic["texts"] == vanilla["texts"]
     assert elastic["usage_after"] == 0.0, elastic
