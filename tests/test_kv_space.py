@@ -140,6 +140,41 @@ def test_an_unmap_that_fails_part_way_leaves_the_bookkeeping_true():
         vmm.close()
 
 
+def test_a_map_whose_rollback_fails_keeps_what_stayed_mapped_out_of_the_pool():
+    """A driver error part-way through a batched map is rolled back; if the rollback
+    fails too (both injected in the ACL shim), the pages it left mapped stay counted as
+    mapped with all their physical pages, so none is handed out while still mapped, and
+    a later unmap finishes them."""
+    shim = ctypes.CDLL(os.environ["VMKV_ACL_LIBRARY"])
+    vmm = open_vmm("acl", page_size=2 * MiB)
+    try:
+        pool = PagePool(vmm)
+        space, _ = vllm_like_space(pool, layers=2)  # 4 buffers: 4 physical pages per KV page
+        shim.vmkv_shim_fail_maps_after(1)
+        with pytest.raises(DriverError, match="injected"):
+            space.map_pages([0, 1])
+        assert (space.mapped_pages, vmm.stats()["mapped"]) == (0, 0)  # a clean rollback
+        # The driver maps in address order (buffer by buffer): five maps, then a failure;
+        # the rollback unmaps two and fails on the other three (buffer 1 of both pages
+        # and buffer 2 of page 0).
+        shim.vmkv_shim_fail_maps_after(5)
+        shim.vmkv_shim_fail_unmaps_after(2)
+        with pytest.raises(DriverError, match="injected"):
+            space.map_pages([0, 1])
+        shim.vmkv_shim_fail_maps_after(-1)
+        shim.vmkv_shim_fail_unmaps_after(-1)
+        assert space.is_mapped(0) and space.is_mapped(1)
+        assert vmm.stats()["mapped"] == 3 and pool.stats().in_use == 8
+        space.unmap_pages([0, 1])
+        assert (space.mapped_pages, pool.stats().in_use, vmm.stats()["mapped"]) == (0, 0, 0)
+        assert space.map_pages([0, 1]) and vmm.stats()["mapped"] == 8
+        space.close()
+    finally:
+        shim.vmkv_shim_fail_maps_after(-1)
+        shim.vmkv_shim_fail_unmaps_after(-1)
+        vmm.close()
+
+
 def test_close_returns_everything(pool):
     space, _ = vllm_like_space(pool)
     assert space.map_pages([0, 1])

@@ -260,12 +260,32 @@ aclError aclrtFreePhysical(aclrtDrvMemHandle handle) {
 }
 
 
+/* Test hooks, not ACL: after `count` more successful maps (unmaps), every map (unmap)
+ * fails as a driver error would (a negative count turns this off), so that tests can
+ * reach the callers' handling of a batch that fails part-way. */
+static int g_maps_before_failure = -1;
+static int g_unmaps_before_failure = -1;
+
+void vmkv_shim_fail_maps_after(int count) {
+  pthread_mutex_lock(&g_lock);
+  g_maps_before_failure = count;
+  pthread_mutex_unlock(&g_lock);
+}
+
+void vmkv_shim_fail_unmaps_after(int count) {
+  pthread_mutex_lock(&g_lock);
+  g_unmaps_before_failure = count;
+  pthread_mutex_unlock(&g_lock);
+}
+
 aclError aclrtMapMem(void *ptr, size_t size, size_t offset, aclrtDrvMemHandle handle, uint64_t flags) {
   uintptr_t va = (uintptr_t)ptr;
   pthread_mutex_lock(&g_lock);
   Physical *p = physical(handle);
   aclError rc = ACL_SUCCESS;
-  if (p == NULL) {
+  if (g_maps_before_failure == 0) {
+    rc = fail(ACL_ERROR_RT_PARAM_INVALID, "map failure injected by the test");
+  } else if (p == NULL) {
     rc = fail(ACL_ERROR_RT_INVALID_HANDLE, "unknown handle");
   } else if (size != p->size || offset != 0 || flags != 0) {
     rc = fail(ACL_ERROR_INVALID_PARAM, "a physical handle must be mapped whole");
@@ -294,6 +314,7 @@ aclError aclrtMapMem(void *ptr, size_t size, size_t offset, aclrtDrvMemHandle ha
       rc = fail(ACL_ERROR_RT_MEMORY_ALLOCATION, "host mapping failed");
     } else {
       p->mapped_at = va;
+      if (g_maps_before_failure > 0) --g_maps_before_failure;
     }
   }
   pthread_mutex_unlock(&g_lock);
@@ -317,17 +338,6 @@ int vmkv_shim_device_syncs(void) {
   int count = g_device_syncs;
   pthread_mutex_unlock(&g_lock);
   return count;
-}
-
-/* Test hook, not ACL: after `count` more successful unmaps, every unmap fails as a
- * driver error would (a negative count turns this off), so that tests can reach the
- * callers' handling of a batch that fails part-way. */
-static int g_unmaps_before_failure = -1;
-
-void vmkv_shim_fail_unmaps_after(int count) {
-  pthread_mutex_lock(&g_lock);
-  g_unmaps_before_failure = count;
-  pthread_mutex_unlock(&g_lock);
 }
 
 aclError aclrtUnmapMem(void *ptr) {

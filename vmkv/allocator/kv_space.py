@@ -112,7 +112,9 @@ class KVSpace:
 
     def map_pages(self, pages: Sequence[int]) -> bool:
         """Back KV pages with physical memory in one batched call. Returns False, with
-        nothing changed, when the pool cannot supply the physical pages.
+        nothing changed, when the pool cannot supply the physical pages; raises the
+        driver's error, with nothing changed, when the driver fails (see
+        _follow_driver_error for a rollback that fails too).
 
         The driver call runs outside the lock (on CUDA it costs milliseconds for a page
         across many layers), so that a map ahead on another thread does not hold up the
@@ -127,14 +129,13 @@ class KVSpace:
             per_page = self.physical_per_page
             for i, page in enumerate(pages):
                 self._mapped[page] = physical[i * per_page : (i + 1) * per_page]
-        addresses = [a for page in pages for a in self._addresses(page)]
+        addresses = {page: self._addresses(page) for page in pages}
         try:
-            self.vmm.map(list(zip(addresses, physical, strict=True)))
+            self.vmm.map(list(zip([a for page in pages for a in addresses[page]], physical, strict=True)))
         except BaseException:
             with self._lock:
-                for page in pages:
-                    del self._mapped[page]
-                self.pool.release(physical)
+                held = {page: self._mapped.pop(page) for page in pages}
+            self._follow_driver_error(held, addresses)
             raise
         return True
 
@@ -155,14 +156,18 @@ class KVSpace:
         try:
             self.vmm.unmap([a for page in pages for a in addresses[page]])
         except BaseException:
-            self._after_failed_unmap(physical, addresses)
+            self._follow_driver_error(physical, addresses)
             raise
         with self._lock:
             for page, held in physical.items():
                 self._unmapped_part.pop(page, None)
                 self.pool.release(held)
 
-    def _after_failed_unmap(self, physical: dict[int, list[int]], addresses: dict[int, list[int]]) -> None:
+    def _follow_driver_error(self, physical: dict[int, list[int]], addresses: dict[int, list[int]]) -> None:
+        """After a map or unmap batch failed: each page of it counts as mapped again
+        unless the driver left none of its ``addresses`` mapped, in which case its
+        ``physical`` pages go back to the pool. (A map rolls back what it mapped, but a
+        rollback that fails leaves pages mapped, and those must not be handed out.)"""
         listed = [a for page in physical for a in addresses[page]]
         still = dict(zip(listed, self.vmm.mapped(listed), strict=True))
         with self._lock:
