@@ -59,15 +59,9 @@ def vmkv_stats() -> dict:
         "dropped_blocks": stack.reclaimer.dropped_blocks,
         "reloaded_blocks": worker.block_pool.reloaded_blocks,
         "grow_misses": worker.block_pool.grow_misses,
+        "usage": worker.block_pool.get_usage(),  # blocks a request still references (0 when idle)
         "spill": stack.spill.stats() if stack.spill is not None else None,
     }
-
-
-def current_worker_usage() -> float:
-    """vLLM's KV usage: the share of blocks some request still references (0 when idle)."""
-    from vmkv.integration.vllm.worker import current_worker
-
-    return current_worker().block_pool.get_usage()
 
 
 def count_events(counts: dict[str, int]) -> None:
@@ -231,7 +225,6 @@ def main() -> None:
     if vmkv_on:
         result["vmkv"] = vmkv_stats()
         result["kv_events"] = events
-        result["usage_after"] = current_worker_usage()
     if stolen is not None:
         result["stolen_pages"] = stolen["pages"]
     print(json.dumps(result), flush=True)
