@@ -1,29 +1,33 @@
 """vLLM throughput on vmkv divided by vanilla vLLM's: same model, same load, same run.
 
-Each side runs in its own fresh process (vLLM configures itself once per process):
-offline generation of a fixed batch of prompts, greedy, prefix caching on. The floor is
-vanilla vLLM itself; the goal is a ratio >= 0.99.
+Each side runs in its own process (vLLM configures itself once per process): offline
+generation of a fixed batch of prompts, greedy, prefix caching on. The floor is vanilla
+vLLM itself; the goal is a ratio >= 0.99.
 
-What is measured is a server's steady state: ``--warmup`` full batches run untimed on both
-sides first. Each batch leaves its blocks in the prefix cache, so the cache fills over the
-first batches; vanilla vLLM allocated all of it at startup, vmkv maps it as it fills. Set
-``--warmup`` to the batches that fill ``--kv-bytes`` and the timed batches are those of a
-server whose cache is full, as it is in a deployment after its first minutes; the warm-up
-batches are timed as well and reported apart ("filling"), so the mapping cost is shown,
-not hidden.
+The sides are compared batch by batch. Every side of a round is alive at once, and the
+parent has them run the batch in turns (A B, B A, A B, ...), one at a time, so each vmkv
+batch is paired with the vanilla batch next to it in time. A machine drifts by several
+percent over minutes (clocks, other tenants); sides measured minutes apart, as earlier
+versions of this bench did, could not resolve 1%. The result is the median of the paired
+ratios; their quartiles are printed with it. ``--rounds`` repeats this with fresh
+processes, for what differs from one process to the next. ``--control`` adds a second
+vanilla side, printed the same way: the measurement's own spread, which the vmkv ratio
+must be read against.
 
-Eager decoding of a small model is bound by the CPU, and on a shared machine one process
-can run a third slower than the next for reasons of its own. So both sides are pinned to
-the same cores, each process times the batch ``--repeats`` times and keeps its best, the
-sides alternate in order, and the result is the median of the per-round ratios; the
-spread between rounds is printed with it. ``--cuda-graphs`` runs vLLM's default GPU
-configuration (torch.compile and CUDA graphs) instead of eager mode: decoding is then
-bound by the GPU, which is what a deployment sees and a quieter measurement.
-``--control`` runs a second vanilla process in each round and prints vanilla ÷ vanilla
-the same way: the spread of the machine itself, which a vmkv ratio must be read against.
+What is measured is a server's steady state: ``--warmup`` batches run first on every side
+and are reported apart ("filling"). Each batch leaves its blocks in the prefix cache, so
+the cache fills over the first batches; vanilla vLLM allocated all of it at startup, vmkv
+maps it as it fills. Set ``--warmup`` to the batches that fill ``--kv-bytes`` and the
+timed batches are those of a server whose cache is full, as it is in a deployment after
+its first minutes; the mapping cost is shown as the filling ratio, not hidden.
+
+Eager decoding of a small model is bound by the CPU, so every side is pinned to the same
+cores. ``--cuda-graphs`` runs vLLM's default GPU configuration (torch.compile and CUDA
+graphs) instead: decoding is then bound by the GPU, as in a deployment. All sides hold
+their weights and KV cache on the device at once: size ``--kv-bytes`` for that.
 
   python benchmarks/bench_vllm_overhead.py MODEL_DIR [--prompts 64] [--max-tokens 64]
-      [--warmup 0] [--cuda-graphs] [--control] [--json]
+      [--rounds 2] [--repeats 6] [--warmup 0] [--cuda-graphs] [--control] [--json]
 """
 
 from __future__ import annotations
@@ -31,9 +35,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +48,7 @@ from typing import Any
 from common import emit
 
 CORES = 4  # pinned per side: the same cores for vanilla and vmkv
+MARK = "VMKV-BENCH "  # starts the lines a side writes for the parent
 
 
 class StepProbe:
@@ -92,10 +99,10 @@ class StepProbe:
         return {key: round(value, 1) for key, value in sorted(counts.items())}
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """In this process: the best tokens per second of ``repeats`` runs of ``prompts``
-    requests after ``warmup`` more, the warm-up runs' rates, and each run's StepProbe
-    counts."""
+def serve_side(args: argparse.Namespace) -> None:
+    """One side, in its own process: load the model, compile and capture, say ready, then
+    run the batch each time the parent asks and reply with its rate and StepProbe counts.
+    Protocol lines start with MARK; vLLM's own logging shares stdout."""
     available = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, available[-CORES:])
     from vllm import LLM, SamplingParams
@@ -106,6 +113,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         enforce_eager=not args.cuda_graphs,
         block_size=32,
         kv_cache_memory_bytes=args.kv_bytes,
+        gpu_memory_utilization=args.gpu_share,
         distributed_executor_backend="uni",
         seed=0,
     )
@@ -114,37 +122,104 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     probe = StepProbe(llm)
     llm.generate(batch[:8], params, use_tqdm=False)  # compiles and captures before timing
     probe.take()
-    rates, probes = [], []
-    for _ in range(args.warmup + args.repeats):
+    print(MARK + json.dumps({"ready": True}), flush=True)
+    for command in sys.stdin:
+        if command.strip() != "batch":
+            break
         start = time.perf_counter()
         outputs = llm.generate(batch, params, use_tqdm=False)
         seconds = time.perf_counter() - start
-        rates.append(sum(len(o.outputs[0].token_ids) for o in outputs) / seconds)
-        probes.append(probe.take())
-    filling, timed = rates[: args.warmup], rates[args.warmup :]
-    return {
-        "tokens_per_s": max(timed),
-        "mean_tokens_per_s": statistics.fmean(timed),
-        "filling_tokens_per_s": statistics.fmean(filling) if filling else None,
-        "all_tokens_per_s": rates,
-        "probes": probes,
-    }
+        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        print(MARK + json.dumps({"tokens_per_s": tokens / seconds, "probe": probe.take()}), flush=True)
 
 
-def run_side(args: argparse.Namespace, vmkv: bool) -> dict[str, Any]:
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1"}
-    env.pop("VMKV", None)
-    if vmkv:
-        env.update({"VMKV": "1", "VMKV_SEGMENT": f"/vmkv-{os.getuid()}-overhead{os.getpid()}"})
-        env.setdefault("VMKV_CPU_BYTES", "256M")
-    command = [sys.executable, __file__, args.model, "--side", "--prompts", str(args.prompts)]
-    command += ["--max-tokens", str(args.max_tokens), "--kv-bytes", str(args.kv_bytes)]
-    command += ["--repeats", str(args.repeats), "--warmup", str(args.warmup)]
-    command += ["--cuda-graphs"] if args.cuda_graphs else []
-    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+class Side:
+    """A side's process, started and driven by the parent: one batch per ``run_batch``."""
+
+    def __init__(self, name: str, args: argparse.Namespace, log_dir: str) -> None:
+        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1"}
+        env.pop("VMKV", None)
+        if name == "vmkv":
+            env.update({"VMKV": "1", "VMKV_SEGMENT": f"/vmkv-{os.getuid()}-overhead{os.getpid()}"})
+            env.setdefault("VMKV_CPU_BYTES", "256M")
+        command = [sys.executable, __file__, args.model, "--side", "--prompts", str(args.prompts)]
+        command += ["--max-tokens", str(args.max_tokens), "--kv-bytes", str(args.kv_bytes)]
+        command += ["--gpu-share", str(args.gpu_share)]
+        command += ["--cuda-graphs"] if args.cuda_graphs else []
+        self.name = name
+        self.log_path = os.path.join(log_dir, f"{name}.log")
+        open(self.log_path, "w").close()
+        with open(self.log_path, "a") as log:  # appended to by the child and by _read
+            self.process = subprocess.Popen(
+                command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True
+            )
+        self.replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self._reply(timeout=1800)  # ready
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        with open(self.log_path, "a") as log:
+            for line in self.process.stdout:
+                if line.startswith(MARK):
+                    self.replies.put(json.loads(line[len(MARK) :]))
+                else:
+                    log.write(line)
+        self.replies.put(None)  # the process ended
+
+    def _reply(self, timeout: float) -> dict[str, Any]:
+        try:
+            reply = self.replies.get(timeout=timeout)
+        except queue.Empty:
+            reply = None
+        if reply is None:
+            self.close()
+            with open(self.log_path) as log:
+                tail = log.read()[-3000:]
+            raise RuntimeError(f"the {self.name} side stopped or hung; the end of its log:\n{tail}")
+        return reply
+
+    def run_batch(self) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        self.process.stdin.write("batch\n")
+        self.process.stdin.flush()
+        return self._reply(timeout=900)
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+def run_round(args: argparse.Namespace, names: list[str], log_dir: str) -> dict[str, list[dict[str, Any]]]:
+    """Every side alive at once, started one after another (so that no side's memory
+    profile sees another's startup), then ``warmup + repeats`` batches each, taken in
+    turns: A B, B A, A B, ... so that a batch is compared with its neighbour in time and
+    a drift of the machine hits both sides alike."""
+    sides: list[Side] = []
+    try:
+        for name in names:
+            sides.append(Side(name, args, log_dir))
+        batches: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        for index in range(args.warmup + args.repeats):
+            for side in sides if index % 2 == 0 else sides[::-1]:
+                batches[side.name].append(side.run_batch())
+        return batches
+    finally:
+        for side in sides:
+            side.close()
+
+
+def paired_ratios(batches: dict[str, list[dict[str, Any]]], name: str, first: int) -> list[float]:
+    """``name``'s rate over vanilla's, batch by batch, from batch ``first`` on."""
+    return [
+        mine["tokens_per_s"] / theirs["tokens_per_s"]
+        for mine, theirs in zip(batches[name][first:], batches["vanilla"][first:], strict=True)
+    ]
+
+
+def quartiles(values: list[float]) -> str:
+    low, median, high = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+    return f"{median:.3f} (quartiles {low:.3f}..{high:.3f}, {len(values)} pairs)"
 
 
 def main() -> None:
@@ -155,61 +230,50 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--kv-bytes", type=int, default=64 << 20)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="timed batches per process; the best counts")
+    parser.add_argument("--rounds", type=int, default=2, help="fresh processes, this many times")
+    parser.add_argument("--repeats", type=int, default=6, help="timed batches per side and round")
     parser.add_argument("--warmup", type=int, default=0, help="untimed full batches first (see above)")
     parser.add_argument("--cuda-graphs", action="store_true", help="vLLM's default (compiled, CUDA graphs)")
     parser.add_argument("--control", action="store_true", help="an A/A vanilla side (see above)")
+    parser.add_argument("--log-dir", default=None, help="the sides' logs (default: a temporary folder)")
+    parser.add_argument("--gpu-share", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--side", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.side:
-        result = measure(args)
-        print(json.dumps(result), flush=True)
+        serve_side(args)
         os._exit(0)  # skip vLLM's slow teardown
-    rows = []
     names = ["vanilla", "vmkv"] + (["control"] if args.control else [])
-    for round_ in range(args.rounds):  # alternate the order so drift hits both sides alike
-        order = names if round_ % 2 == 0 else names[::-1]
-        sides = {name: run_side(args, name == "vmkv") for name in order}
-        vanilla, vmkv = sides["vanilla"], sides["vmkv"]
-        ratio = vmkv["tokens_per_s"] / vanilla["tokens_per_s"]
-        row = {"vanilla_tok_s": vanilla["tokens_per_s"], "vmkv_tok_s": vmkv["tokens_per_s"], "ratio": ratio}
-        row["mean_ratio"] = vmkv["mean_tokens_per_s"] / vanilla["mean_tokens_per_s"]
-        if args.warmup:
-            row["filling_ratio"] = vmkv["filling_tokens_per_s"] / vanilla["filling_tokens_per_s"]
-        if args.control:
-            row["control_ratio"] = sides["control"]["tokens_per_s"] / vanilla["tokens_per_s"]
-        rows.append(row)
-        batches = ", ".join(
-            name + " " + " ".join(f"{r:.0f}" for r in sides[name]["all_tokens_per_s"]) for name in order
-        )
-        print(
-            f"round {round_}: vanilla {vanilla['tokens_per_s']:.0f} tok/s, "
-            f"vmkv {vmkv['tokens_per_s']:.0f} tok/s (every batch: {batches})",
-            flush=True,
-        )
-        for name in order:
-            for batch_, counts in enumerate(sides[name]["probes"]):
-                print(f"  {name} batch {batch_}: {counts}", flush=True)
-    ratios = sorted(r["ratio"] for r in rows)
-    ratio = statistics.median(ratios)
-    print(f"vmkv / vanilla throughput: {ratio:.3f}, rounds {ratios[0]:.3f}..{ratios[-1]:.3f} (goal >= 0.99)")
-    others = {
-        "mean of the timed batches": "mean_ratio",
-        "while the cache fills (warm-up)": "filling_ratio",
-        "vanilla / vanilla (control: the machine's own spread)": "control_ratio",
-    }
-    for label, key in others.items():
-        if key in rows[0]:
-            values = sorted(r[key] for r in rows)
-            print(f"  {label}: {statistics.median(values):.3f}, rounds {values[0]:.3f}..{values[-1]:.3f}")
+    args.gpu_share = round(0.9 / len(names), 3)  # vLLM's startup check of free memory, per side
+    log_dir = args.log_dir or tempfile.mkdtemp(prefix="vmkv-overhead-")
+    os.makedirs(log_dir, exist_ok=True)
+    ratios: dict[str, list[float]] = {name: [] for name in names[1:]}
+    filling: list[float] = []
+    rows = []
+    for round_ in range(args.rounds):
+        batches = run_round(args, names if round_ % 2 == 0 else names[::-1], log_dir)
+        for name in ratios:
+            ratios[name] += paired_ratios(batches, name, args.warmup)
+        filling += paired_ratios(batches, "vmkv", 0)[: args.warmup]
+        rows.append({name: [round(b["tokens_per_s"], 1) for b in batches[name]] for name in names})
+        print(f"round {round_} tok/s per batch ({args.warmup} warm-up first): {rows[-1]}", flush=True)
+        for name in names:
+            for index, batch in enumerate(batches[name]):
+                print(f"  {name} batch {index}: {batch['probe']}", flush=True)
+    ratio = statistics.median(ratios["vmkv"])
+    print(f"vmkv / vanilla throughput, batch by batch: {quartiles(ratios['vmkv'])} (goal >= 0.99)")
+    if filling:
+        print(f"  while the cache fills (warm-up): {quartiles(filling)}")
+    if args.control:
+        print(f"  vanilla / vanilla (control: the machine's own spread): {quartiles(ratios['control'])}")
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     mode = "cuda_graphs" if args.cuda_graphs else "eager"
     summary = {"bench": "vllm_overhead", "device": device, "mode": mode, "warmup": args.warmup}
-    summary.update(rounds=rows, ratio=ratio)
+    summary.update(rounds=rows, ratio=ratio, pairs=len(ratios["vmkv"]))
+    if args.control:
+        summary["control_ratio"] = statistics.median(ratios["control"])
     emit(summary, args.json)
 
 

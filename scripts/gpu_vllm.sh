@@ -4,9 +4,9 @@
 #   bash scripts/gpu_vllm.sh setup   only what the others do first (build, plugin entry points)
 #   bash scripts/gpu_vllm.sh tests   the GPU vLLM tests (tiny model, vanilla vs vmkv)
 #   bash scripts/gpu_vllm.sh bench   throughput on vmkv / vanilla, 886M model in /tmp/model (ROUNDS,
-#                                    REPEATS, WARMUP: see benchmarks/bench_vllm_overhead.py;
-#                                    BENCH_ARGS="--cuda-graphs --control" adds an A/A control)
-#                                    (BENCH_ARGS=--cuda-graphs: vLLM's default, not eager)
+#                                    REPEATS, WARMUP, KV_BYTES: see benchmarks/bench_vllm_overhead.py;
+#                                    BENCH_ARGS=--cuda-graphs: vLLM's default, not eager;
+#                                    BENCH_ARGS="--cuda-graphs --control": an A/A control as well)
 #   bash scripts/gpu_vllm.sh coloc   the co-location benchmark, static split vs vmkv, 886M model
 #                                    (ENGINES=vllm,sgl: SGLang instances too, after
 #                                    `bash scripts/gpu_sglang.sh install`; MODES=static, then
@@ -45,9 +45,11 @@ tests)
   exit "${PIPESTATUS[0]}" ;;
 bench)
   model=$(model_dir)
+  rm -rf /tmp/vmkv-overhead
   (cd benchmarks && python3 bench_vllm_overhead.py "$model" --kv-bytes "${KV_BYTES:-$((4 << 30))}" --prompts 256 \
-     --max-tokens 128 --rounds "${ROUNDS:-3}" --repeats "${REPEATS:-3}" --warmup "${WARMUP:-0}" ${BENCH_ARGS:-} --json) 2>&1 \
-     | tee "$OUT/bench_vllm_overhead_gpu.txt" | tail -8 ;;
+     --max-tokens 128 --rounds "${ROUNDS:-2}" --repeats "${REPEATS:-8}" --warmup "${WARMUP:-0}" ${BENCH_ARGS:-} \
+     --log-dir /tmp/vmkv-overhead --json) 2>&1 | tee "$OUT/bench_vllm_overhead_gpu.txt" | tail -8
+  tar -czf "$OUT/overhead-logs.tar.gz" -C /tmp vmkv-overhead ;;
 coloc)  # the run stays in /tmp/vmkv-coloc; $OUT gets what fits its 8-file limit
   model=$(model_dir)
   run=/tmp/vmkv-coloc
