@@ -427,6 +427,26 @@ def test_chaos_sigkill_never_deadlocks_and_leases_come_back(segment):
 # -- CLI and metrics -------------------------------------------------------------------
 
 
+def test_only_shared_memory_objects_count_as_segments(segment, tmp_path):
+    """A folder with the users' prefix in /dev/shm (the co-location bench keeps its spill
+    tier's files in one) is no segment: listing every segment once failed on it with
+    posix_ipc's "Invalid parameter(s)"."""
+    import tempfile
+
+    from vmkv.coordinator import user_segments
+
+    folder = tempfile.mkdtemp(prefix=f"vmkv-{os.getuid()}-coloc-", dir=SHM_DIR)
+    try:
+        names = user_segments()
+        assert segment.name in names and f"/{Path(folder).name}" not in names
+        result = vmkv_cli("ls", "--json")
+        assert result.returncode == 0, result.stderr
+        listed = [entry["segment"] for entry in json.loads(result.stdout)["segments"]]
+        assert segment.name in listed
+    finally:
+        os.rmdir(folder)
+
+
 def test_cli_ls_prom_top_and_reset(segment):
     proc = spawn(segment, "served", "hold", "--seconds", "30")
     try:

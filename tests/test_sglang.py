@@ -295,6 +295,34 @@ def test_an_instance_in_debt_admits_no_new_request_and_its_running_ones_go_on(st
     assert mapped(pool) == 1
 
 
+def test_admission_shut_by_a_debt_reopens_when_nothing_runs_and_the_debt_is_paid(stacks):
+    """A debt made the admission check say 0, so SGLang marked its running batch full
+    (scheduler.py: ``running_batch.batch_is_full = True``). Its requests then finished;
+    in SGLang 0.5.15 nothing else clears that mark once the batch is empty, and waiting
+    requests were never admitted again (seen on the GPU beside a vLLM instance). The idle
+    turn pays the debt and reopens admission, and only then."""
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+
+    pool = make_pool(stacks, 40000)
+    allocator = token_allocator(pool)
+    running = allocator.alloc(2 * TOKENS_PER_PAGE)
+    assert running is not None
+    scheduler = SimpleNamespace(
+        token_to_kv_pool_allocator=allocator, tree_cache=None, running_batch=ScheduleBatch(reqs=[])
+    )
+    admissible = memory.wrap_get_num_allocatable_reqs(lambda self, running_bs: 8 - running_bs)
+    idle_turn = memory.wrap_on_idle(lambda self: None)
+    pool.vmkv.reclaimer.reclaim(2 * PHYSICAL_PER_KV_PAGE)  # pages 1 and 2, which requests hold
+    assert allocator.owes() and admissible(scheduler, 0) == 0
+    scheduler.running_batch.batch_is_full = True  # what SGLang does with that 0
+    idle_turn(scheduler)
+    assert allocator.owes() and scheduler.running_batch.batch_is_full, "reopened with the debt unpaid"
+    allocator.free(running)  # the running requests finish: their pages pay
+    idle_turn(scheduler)
+    assert not allocator.owes() and not scheduler.running_batch.batch_is_full
+    assert admissible(scheduler, 0) == 8
+
+
 def test_paged_allocator_extends_and_decodes_on_demand(stacks):
     if plugin.require("sglang", sglang.__version__) == "0.5.15" and not torch.cuda.is_available():
         pytest.skip("SGLang 0.5.15's paged alloc_extend is a Triton kernel: GPU only")

@@ -43,10 +43,12 @@ def remove_segment(name: str) -> None:
 
 
 def user_segments(uid: int | None = None) -> list[str]:
-    """Names of this user's coordinator segments (doorbells live in /dev/shm as sem.*)."""
+    """Names of this user's coordinator segments (doorbells live in /dev/shm as sem.*).
+    Only files: other things may share the prefix (a spill folder, see launch.py)."""
     prefix = f"vmkv-{os.getuid() if uid is None else uid}-"
     spill = prefix + "spill-"  # the spill tiers share the prefix (vmkv.spill.host_tier)
-    return sorted(f"/{p.name}" for p in SHM_DIR.glob(prefix + "*") if not p.name.startswith(spill))
+    found = SHM_DIR.glob(prefix + "*")
+    return sorted(f"/{p.name}" for p in found if p.is_file() and not p.name.startswith(spill))
 
 
 def check_private(path: Path) -> None:

@@ -278,7 +278,12 @@ def wrap_get_num_allocatable_reqs(original: Any) -> Any:
 def wrap_on_idle(original: Any) -> Any:
     """Scheduler.on_idle: SGLang's own turn (its leak check then counts every id not
     handed out as free, see ElasticIds.available_size), then settle the allocator's memory
-    with the coordinator."""
+    with the coordinator.
+
+    SGLang calls this whenever it found no batch to run. Then, with no request running,
+    it reopens admission: when wrap_get_num_allocatable_reqs said 0 (a debt), SGLang marked
+    the running batch full, and in 0.5.15 only a request leaving that batch clears the
+    mark; with none left to leave, requests would wait forever, the debt long paid."""
 
     def on_idle(self: Any, *args: Any, **kwargs: Any) -> Any:
         allocator = getattr(self, "token_to_kv_pool_allocator", None)
@@ -290,6 +295,9 @@ def wrap_on_idle(original: Any) -> Any:
         finally:
             allocator.auditing = False
         allocator.settle(getattr(self, "tree_cache", None))
+        running = getattr(self, "running_batch", None)
+        if running is not None and running.is_empty() and not allocator.owes():
+            running.batch_is_full = False
         return result
 
     return on_idle
