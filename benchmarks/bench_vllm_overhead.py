@@ -5,8 +5,9 @@ generation of a fixed batch of prompts, greedy, prefix caching on. The floor is 
 vLLM itself; the goal is a ratio >= 0.99.
 
 The sides are compared batch by batch. Every side of a round is alive at once, and the
-parent has them run the batch in turns (A B, B A, A B, ...), one at a time, so each vmkv
-batch is paired with the vanilla batch next to it in time. A machine drifts by several
+parent has them run the batch in turns, one at a time, each batch in a rotated order (A B
+C, B C A, C A B, ...), so each vmkv batch is paired with the vanilla batch next to it in
+time and every side takes every place in the order equally often. A machine drifts by several
 percent over minutes (clocks, other tenants); sides measured minutes apart, as earlier
 versions of this bench did, could not resolve 1%. The result is the median of the paired
 ratios; their quartiles are printed with it. ``--rounds`` repeats this with fresh
@@ -23,19 +24,27 @@ its first minutes; the mapping cost is shown as the filling ratio, not hidden.
 
 Eager decoding of a small model is bound by the CPU, so every side is pinned to the same
 cores. ``--cuda-graphs`` runs vLLM's default GPU configuration (torch.compile and CUDA
-graphs) instead: decoding is then bound by the GPU, as in a deployment. All sides hold
-their weights and KV cache on the device at once: size ``--kv-bytes`` for that.
+graphs) instead. By default each side's engine runs in the process that times it, so
+that the StepProbe counts of where its scheduler's time goes can be printed; its engine
+then also shares that thread with detokenizing every output, which makes a large batch
+bound by the CPU. ``--engine-process`` runs vLLM's engine core in its own process
+instead, as ``vllm serve`` and vLLM's default do (no StepProbe counts then). All sides
+hold their weights and KV cache on the device at once: size ``--kv-bytes`` for that.
 
   python benchmarks/bench_vllm_overhead.py MODEL_DIR [--prompts 64] [--max-tokens 64]
-      [--rounds 2] [--repeats 6] [--warmup 0] [--cuda-graphs] [--control] [--json]
+      [--rounds 2] [--repeats 6] [--warmup 0] [--cuda-graphs] [--engine-process] [--control]
+      [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 import queue
+import signal
 import statistics
 import subprocess
 import sys
@@ -49,6 +58,7 @@ from common import emit
 
 CORES = 4  # pinned per side: the same cores for vanilla and vmkv
 MARK = "VMKV-BENCH "  # starts the lines a side writes for the parent
+SEGMENT = f"/vmkv-{os.getuid()}-overhead{os.getpid()}"  # the vmkv side's coordinator
 
 
 class StepProbe:
@@ -119,39 +129,49 @@ def serve_side(args: argparse.Namespace) -> None:
     )
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     batch = [f"request {i}: " + "tell me a long story about a tiny model " * 4 for i in range(args.prompts)]
-    probe = StepProbe(llm)
+    probe = None if args.engine_process else StepProbe(llm)
     llm.generate(batch[:8], params, use_tqdm=False)  # compiles and captures before timing
-    probe.take()
+    counts = probe.take if probe is not None else dict
+    counts()
     print(MARK + json.dumps({"ready": True}), flush=True)
     for command in sys.stdin:
         if command.strip() != "batch":
             break
+        gc.collect()  # every batch starts from the same heap, so no batch pays another's garbage
         start = time.perf_counter()
         outputs = llm.generate(batch, params, use_tqdm=False)
         seconds = time.perf_counter() - start
         tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-        print(MARK + json.dumps({"tokens_per_s": tokens / seconds, "probe": probe.take()}), flush=True)
+        print(MARK + json.dumps({"tokens_per_s": tokens / seconds, "probe": counts()}), flush=True)
 
 
 class Side:
     """A side's process, started and driven by the parent: one batch per ``run_batch``."""
 
     def __init__(self, name: str, args: argparse.Namespace, log_dir: str) -> None:
-        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1"}
+        in_process = "0" if not args.engine_process else "1"
+        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": in_process, "HF_HUB_OFFLINE": "1"}
         env.pop("VMKV", None)
         if name == "vmkv":
-            env.update({"VMKV": "1", "VMKV_SEGMENT": f"/vmkv-{os.getuid()}-overhead{os.getpid()}"})
+            env.update({"VMKV": "1", "VMKV_SEGMENT": SEGMENT})
             env.setdefault("VMKV_CPU_BYTES", "256M")
         command = [sys.executable, __file__, args.model, "--side", "--prompts", str(args.prompts)]
         command += ["--max-tokens", str(args.max_tokens), "--kv-bytes", str(args.kv_bytes)]
         command += ["--gpu-share", str(args.gpu_share)]
         command += ["--cuda-graphs"] if args.cuda_graphs else []
+        command += ["--engine-process"] if args.engine_process else []
         self.name = name
         self.log_path = os.path.join(log_dir, f"{name}.log")
         open(self.log_path, "w").close()
         with open(self.log_path, "a") as log:  # appended to by the child and by _read
             self.process = subprocess.Popen(
-                command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True
+                command,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                start_new_session=True,
             )
         self.replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -186,27 +206,40 @@ class Side:
         return self._reply(timeout=900)
 
     def close(self) -> None:
-        self.process.kill()
+        """Kill the side and its engine core process (its own process group)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
 
 
 def run_round(args: argparse.Namespace, names: list[str], log_dir: str) -> dict[str, list[dict[str, Any]]]:
     """Every side alive at once, started one after another (so that no side's memory
     profile sees another's startup), then ``warmup + repeats`` batches each, taken in
-    turns: A B, B A, A B, ... so that a batch is compared with its neighbour in time and
-    a drift of the machine hits both sides alike."""
+    turns in a rotated order (see above), so that a batch is compared with its neighbour
+    in time and a drift of the machine hits every side alike."""
     sides: list[Side] = []
     try:
         for name in names:
             sides.append(Side(name, args, log_dir))
         batches: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
         for index in range(args.warmup + args.repeats):
-            for side in sides if index % 2 == 0 else sides[::-1]:
+            for side in sides[index % len(sides) :] + sides[: index % len(sides)]:
                 batches[side.name].append(side.run_batch())
         return batches
     finally:
         for side in sides:
             side.close()
+
+
+def remove_segment() -> None:
+    """The vmkv side's coordinator segment: its instances were killed, so nobody else
+    removes it."""
+    import posix_ipc
+
+    from vmkv.coordinator.segment import remove_segment as remove
+
+    with contextlib.suppress(posix_ipc.ExistentialError):
+        remove(SEGMENT)
 
 
 def paired_ratios(batches: dict[str, list[dict[str, Any]]], name: str, first: int) -> list[float]:
@@ -235,6 +268,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=0, help="untimed full batches first (see above)")
     parser.add_argument("--cuda-graphs", action="store_true", help="vLLM's default (compiled, CUDA graphs)")
     parser.add_argument("--control", action="store_true", help="an A/A vanilla side (see above)")
+    parser.add_argument(
+        "--engine-process", action="store_true", help="vLLM's engine core in its own process (see above)"
+    )
     parser.add_argument("--log-dir", default=None, help="the sides' logs (default: a temporary folder)")
     parser.add_argument("--gpu-share", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--side", action="store_true", help=argparse.SUPPRESS)
@@ -250,16 +286,20 @@ def main() -> None:
     ratios: dict[str, list[float]] = {name: [] for name in names[1:]}
     filling: list[float] = []
     rows = []
-    for round_ in range(args.rounds):
-        batches = run_round(args, names if round_ % 2 == 0 else names[::-1], log_dir)
-        for name in ratios:
-            ratios[name] += paired_ratios(batches, name, args.warmup)
-        filling += paired_ratios(batches, "vmkv", 0)[: args.warmup]
-        rows.append({name: [round(b["tokens_per_s"], 1) for b in batches[name]] for name in names})
-        print(f"round {round_} tok/s per batch ({args.warmup} warm-up first): {rows[-1]}", flush=True)
-        for name in names:
-            for index, batch in enumerate(batches[name]):
-                print(f"  {name} batch {index}: {batch['probe']}", flush=True)
+    try:
+        for round_ in range(args.rounds):
+            batches = run_round(args, names if round_ % 2 == 0 else names[::-1], log_dir)
+            for name in ratios:
+                ratios[name] += paired_ratios(batches, name, args.warmup)
+            filling += paired_ratios(batches, "vmkv", 0)[: args.warmup]
+            rows.append({name: [round(b["tokens_per_s"], 1) for b in batches[name]] for name in names})
+            print(f"round {round_} tok/s per batch ({args.warmup} warm-up first): {rows[-1]}", flush=True)
+            for name in names:
+                for index, batch in enumerate(batches[name]):
+                    if batch["probe"]:
+                        print(f"  {name} batch {index}: {batch['probe']}", flush=True)
+    finally:
+        remove_segment()
     ratio = statistics.median(ratios["vmkv"])
     print(f"vmkv / vanilla throughput, batch by batch: {quartiles(ratios['vmkv'])} (goal >= 0.99)")
     if filling:
@@ -271,6 +311,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     mode = "cuda_graphs" if args.cuda_graphs else "eager"
     summary = {"bench": "vllm_overhead", "device": device, "mode": mode, "warmup": args.warmup}
+    summary["engine_process"] = args.engine_process
     summary.update(rounds=rows, ratio=ratio, pairs=len(ratios["vmkv"]))
     if args.control:
         summary["control_ratio"] = statistics.median(ratios["control"])
