@@ -369,6 +369,42 @@ def test_reclaim_evicts_cold_radix_entries_and_spares_locked_ones(stacks):
     assert torch.equal(pool.k_buffer[0][warm], values)
 
 
+def test_an_idle_instances_cold_radix_entries_count_as_reclaimable_and_busy_ones_do_not(stacks):
+    """The coordinator lets an instance over its fair share take only what others could
+    give back at once. An idle SGLang's evictable radix entries are that (as vLLM's cold
+    cached blocks are); on the GPU, uncounted, they stayed with an idle SGLang while a
+    busy vLLM beside it missed for seconds. Once SGLang allocates again, it is busy and
+    pays only as requests finish, so it counts nothing."""
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+
+    pool = make_pool(stacks, 40000)
+    allocator = token_allocator(pool)
+    requests = memory_pool.ReqToTokenPool(8, 32768, "cpu", False)
+    params = CacheInitParams(
+        disable=False, req_to_token_pool=requests, token_to_kv_pool_allocator=allocator, page_size=1
+    )
+    cache = RadixCache(params)
+    key = array("q", range(3 * TOKENS_PER_PAGE))
+    cache.insert(InsertParams(key=RadixKey(key), value=allocator.alloc(len(key))))
+    assert mapped(pool) == 4  # page 0 (padding) and three more, all cached, none in use
+    reclaimer = pool.vmkv.reclaimer
+    before = reclaimer.reclaimable()
+    scheduler = SimpleNamespace(
+        token_to_kv_pool_allocator=allocator, tree_cache=cache, running_batch=ScheduleBatch(reqs=[])
+    )
+    idle_turn = memory.wrap_on_idle(lambda self: None)
+    idle_turn(scheduler)
+    assert reclaimer.reclaimable() == before + 3 * PHYSICAL_PER_KV_PAGE
+    request = allocator.alloc(16)  # a request arrives
+    assert request is not None and reclaimer.reclaimable() == before
+    allocator.free(request)  # and finishes
+    idle_turn(scheduler)
+    # The coordinator asks for what was counted: the next idle turn evicts and pays it all.
+    reclaimer.reclaim(reclaimer.reclaimable())
+    idle_turn(scheduler)
+    assert not allocator.owes() and mapped(pool) == 1
+
+
 def test_flush_cache_gives_back_everything_but_the_padding_page(stacks):
     pool = make_pool(stacks, 40000)
     allocator = token_allocator(pool)

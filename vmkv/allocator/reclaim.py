@@ -75,16 +75,19 @@ class Reclaimer:
         # Called when a reclaim leaves pages owed: for engines whose free memory and cold
         # cache only their own thread may touch (SGLang's scheduler); they pay it there.
         self.on_debt: list[Callable[[], None]] = []
+        # What such an engine last said it could pay that way at once (physical pages).
+        self.engine_reclaimable = 0
 
     def reclaimable(self) -> int:
-        """Physical pages that could go back without touching a block a request uses."""
+        """Physical pages that could go back without touching a block a request uses:
+        the coordinator lets any instance have them, whatever the shares."""
         empty = sum(a.num_empty_mapped_pages() * a.space.physical_per_page for a in self.allocators)
         cold = 0
         for tier in self.cold:
             with tier.allocator.lock:
                 pages = tier.allocator.pages_only_holding(b for b, _ in tier.cache.cold_blocks())
             cold += len(pages) * tier.allocator.space.physical_per_page
-        return self.pool.stats().pooled + empty + cold
+        return self.pool.stats().pooled + empty + cold + self.engine_reclaimable
 
     def owed(self) -> int:
         return self.pool.stats().debt

@@ -198,6 +198,7 @@ class ElasticIds:
             return
         if self._owed:
             self.settle(None)
+        self._stack.reclaimer.engine_reclaimable = 0  # busy: nothing could go back at once
         short = ids - super().available_size() // self.page_size
         if short > 0 and (fresh := self._ids.grow(short)) is not None:
             self.free_pages = torch.cat((self.free_pages, fresh))
@@ -207,6 +208,20 @@ class ElasticIds:
         lacks for a later turn (see KVStack.prefetch and wrap_get_num_allocatable_reqs)."""
         if self._ids is not None:
             self._stack.prefetch(-(-tokens // self.page_size) - self.available_size() // self.page_size)
+
+    def report_idle(self, tree_cache: Any) -> None:
+        """On an idle turn: tell reclaim what this instance could give back at once, the
+        KV pages its free ids and its evictable radix entries fill (but page 0, which
+        holds the padding id), as vLLM's cold cached blocks are counted. Without this a
+        neighbour over its fair share never gets the pages an idle SGLang keeps cached.
+        Set to nothing again by the next allocation: a busy instance pays only as its
+        requests finish."""
+        if self._ids is None:
+            return
+        tokens = super().available_size() + (tree_cache.evictable_size() if tree_cache is not None else 0)
+        space = self._stack.space
+        kv_pages = min(tokens // (self._ids.ids_per_page * self.page_size), space.mapped_pages - 1)
+        self._stack.reclaimer.engine_reclaimable = max(0, kv_pages) * space.physical_per_page
 
     def _note_debt(self) -> None:  # the coordinator's thread
         self._owed = True
@@ -278,7 +293,7 @@ def wrap_get_num_allocatable_reqs(original: Any) -> Any:
 def wrap_on_idle(original: Any) -> Any:
     """Scheduler.on_idle: SGLang's own turn (its leak check then counts every id not
     handed out as free, see ElasticIds.available_size), then settle the allocator's memory
-    with the coordinator.
+    with the coordinator and report what it could give back (ElasticIds.report_idle).
 
     SGLang calls this whenever it found no batch to run. Then, with no request running,
     it reopens admission: when wrap_get_num_allocatable_reqs said 0 (a debt), SGLang marked
@@ -294,9 +309,13 @@ def wrap_on_idle(original: Any) -> Any:
             result = original(self, *args, **kwargs)
         finally:
             allocator.auditing = False
-        allocator.settle(getattr(self, "tree_cache", None))
+        tree_cache = getattr(self, "tree_cache", None)
+        allocator.settle(tree_cache)
         running = getattr(self, "running_batch", None)
-        if running is not None and running.is_empty() and not allocator.owes():
+        if running is None or not running.is_empty() or getattr(self, "chunked_req", None) is not None:
+            return result
+        allocator.report_idle(tree_cache)  # no request holds ids: nothing counted is in use
+        if not allocator.owes():
             running.batch_is_full = False
         return result
 
