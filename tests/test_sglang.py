@@ -78,6 +78,15 @@ def token_allocator(pool):
     return builder().TokenToKVPoolAllocator(pool.size, torch.float16, "cpu", pool, False)
 
 
+def radix_cache(allocator, rows: int = 32768):
+    """SGLang's real radix cache over ``allocator`` (token pages of one id)."""
+    requests = memory_pool.ReqToTokenPool(8, rows, "cpu", False)
+    params = CacheInitParams(
+        disable=False, req_to_token_pool=requests, token_to_kv_pool_allocator=allocator, page_size=1
+    )
+    return RadixCache(params)
+
+
 def mapped(pool) -> int:
     return pool.vmkv.space.mapped_pages
 
@@ -348,11 +357,7 @@ def test_paged_allocator_extends_and_decodes_on_demand(stacks):
 def test_reclaim_evicts_cold_radix_entries_and_spares_locked_ones(stacks):
     pool = make_pool(stacks, 40000)
     allocator = token_allocator(pool)
-    requests = memory_pool.ReqToTokenPool(8, 32768, "cpu", False)
-    params = CacheInitParams(
-        disable=False, req_to_token_pool=requests, token_to_kv_pool_allocator=allocator, page_size=1
-    )
-    cache = RadixCache(params)
+    cache = radix_cache(allocator)
     cold_key, warm_key = array("q", range(12000)), array("q", range(100000, 104000))
     cold, warm = allocator.alloc(len(cold_key)), allocator.alloc(len(warm_key))
     values = torch.randn(len(warm), 4, 64).half()
@@ -379,11 +384,7 @@ def test_an_idle_instances_cold_radix_entries_count_as_reclaimable_and_busy_ones
 
     pool = make_pool(stacks, 40000)
     allocator = token_allocator(pool)
-    requests = memory_pool.ReqToTokenPool(8, 32768, "cpu", False)
-    params = CacheInitParams(
-        disable=False, req_to_token_pool=requests, token_to_kv_pool_allocator=allocator, page_size=1
-    )
-    cache = RadixCache(params)
+    cache = radix_cache(allocator)
     key = array("q", range(3 * TOKENS_PER_PAGE))
     cache.insert(InsertParams(key=RadixKey(key), value=allocator.alloc(len(key))))
     assert mapped(pool) == 4  # page 0 (padding) and three more, all cached, none in use
@@ -450,12 +451,7 @@ def test_a_vllm_server_and_sglang_share_one_budget(tmp_path: Path, monkeypatch: 
         plugin.install()
         pool = memory_pool.MHATokenToKVPool(6144, 1, torch.float16, 4, 64, LAYERS, "cpu", False)
         allocator = token_allocator(pool)
-        requests = memory_pool.ReqToTokenPool(8, 8192, "cpu", False)
-        cache = RadixCache(
-            CacheInitParams(
-                disable=False, req_to_token_pool=requests, token_to_kv_pool_allocator=allocator, page_size=1
-            )
-        )
+        cache = radix_cache(allocator, rows=8192)
         scheduler = SimpleNamespace(token_to_kv_pool_allocator=allocator, tree_cache=cache)
         idle_turn = memory.wrap_on_idle(lambda self: None)
         kv_page_tokens = page // 512
@@ -508,12 +504,7 @@ def test_reclaimed_radix_entries_are_spilled_and_reloaded_on_a_prefix_hit(stacks
     monkeypatch.setenv("VMKV_CPU_BYTES", "64M")
     pool = make_pool(stacks, 40000)
     allocator = token_allocator(pool)
-    requests = memory_pool.ReqToTokenPool(8, 32768, "cpu", False)
-    cache = RadixCache(
-        CacheInitParams(
-            disable=False, req_to_token_pool=requests, token_to_kv_pool_allocator=allocator, page_size=1
-        )
-    )
+    cache = radix_cache(allocator)
     tokens = array("q", range(7, 12007))
     slots = allocator.alloc(len(tokens))
     keys = [torch.randn(len(slots), 4, 64).half() for _ in range(LAYERS)]
