@@ -13,7 +13,8 @@ versions of this bench did, could not resolve 1%. The result is the median of th
 ratios; their quartiles are printed with it. ``--rounds`` repeats this with fresh
 processes, for what differs from one process to the next. ``--control`` adds a second
 vanilla side, printed the same way: the measurement's own spread, which the vmkv ratio
-must be read against.
+must be read against. ``--variant NAME:VMKV_KEY=VALUE`` adds another vmkv side with other
+settings (a page size, say), compared the same way in the same round.
 
 What is measured is a server's steady state: ``--warmup`` batches run first on every side
 and are reported apart ("filling"). Each batch leaves its blocks in the prefix cache, so
@@ -33,7 +34,7 @@ hold their weights and KV cache on the device at once: size ``--kv-bytes`` for t
 
   python benchmarks/bench_vllm_overhead.py MODEL_DIR [--prompts 64] [--max-tokens 64]
       [--rounds 2] [--repeats 6] [--warmup 0] [--cuda-graphs] [--engine-process] [--control]
-      [--json]
+      [--variant NAME:VMKV_KEY=VALUE] [--json]
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from common import emit
 
 CORES = 4  # pinned per side: the same cores for vanilla and vmkv
 MARK = "VMKV-BENCH "  # starts the lines a side writes for the parent
-SEGMENT = f"/vmkv-{os.getuid()}-overhead{os.getpid()}"  # the vmkv side's coordinator
+SEGMENT = f"/vmkv-{os.getuid()}-overhead{os.getpid()}"  # + "-" + side: each vmkv side's coordinator
 
 
 class StepProbe:
@@ -152,9 +153,10 @@ class Side:
         in_process = "0" if not args.engine_process else "1"
         env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": in_process, "HF_HUB_OFFLINE": "1"}
         env.pop("VMKV", None)
-        if name == "vmkv":
-            env.update({"VMKV": "1", "VMKV_SEGMENT": SEGMENT})
+        if name == "vmkv" or name in args.variants:
+            env.update({"VMKV": "1", "VMKV_SEGMENT": f"{SEGMENT}-{name}"})
             env.setdefault("VMKV_CPU_BYTES", "256M")
+            env.update(args.variants.get(name, {}))
         command = [sys.executable, __file__, args.model, "--side", "--prompts", str(args.prompts)]
         command += ["--max-tokens", str(args.max_tokens), "--kv-bytes", str(args.kv_bytes)]
         command += ["--gpu-share", str(args.gpu_share)]
@@ -231,15 +233,27 @@ def run_round(args: argparse.Namespace, names: list[str], log_dir: str) -> dict[
             side.close()
 
 
-def remove_segment() -> None:
-    """The vmkv side's coordinator segment: its instances were killed, so nobody else
-    removes it."""
+def remove_segments(names: list[str]) -> None:
+    """The vmkv sides' coordinator segments: their instances were killed, so nobody else
+    removes them."""
     import posix_ipc
 
-    from vmkv.coordinator.segment import remove_segment as remove
+    from vmkv.coordinator.segment import remove_segment
 
-    with contextlib.suppress(posix_ipc.ExistentialError):
-        remove(SEGMENT)
+    for name in names:
+        with contextlib.suppress(posix_ipc.ExistentialError):
+            remove_segment(f"{SEGMENT}-{name}")
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """``NAME:VMKV_KEY=VALUE[,VMKV_KEY=VALUE...]``: another vmkv side, with those settings."""
+    name, _, settings = text.partition(":")
+    pairs = [item.partition("=") for item in settings.split(",") if item]
+    if not name.isalnum() or name in ("vanilla", "vmkv", "control"):
+        raise argparse.ArgumentTypeError(f"variant name {name!r}: letters and digits, not a side's name")
+    if not pairs or any(not key.startswith("VMKV_") or not sep or not value for key, sep, value in pairs):
+        raise argparse.ArgumentTypeError(f"variant {text!r}: expected NAME:VMKV_KEY=VALUE[,...]")
+    return name, {key: value for key, _, value in pairs}
 
 
 def paired_ratios(batches: dict[str, list[dict[str, Any]]], name: str, first: int) -> list[float]:
@@ -269,6 +283,13 @@ def main() -> None:
     parser.add_argument("--cuda-graphs", action="store_true", help="vLLM's default (compiled, CUDA graphs)")
     parser.add_argument("--control", action="store_true", help="an A/A vanilla side (see above)")
     parser.add_argument(
+        "--variant",
+        type=parse_variant,
+        action="append",
+        default=[],
+        help="another vmkv side with other settings, e.g. page32m:VMKV_PAGE_BYTES=33554432",
+    )
+    parser.add_argument(
         "--engine-process", action="store_true", help="vLLM's engine core in its own process (see above)"
     )
     parser.add_argument("--log-dir", default=None, help="the sides' logs (default: a temporary folder)")
@@ -279,7 +300,8 @@ def main() -> None:
     if args.side:
         serve_side(args)
         os._exit(0)  # skip vLLM's slow teardown
-    names = ["vanilla", "vmkv"] + (["control"] if args.control else [])
+    args.variants = dict(args.variant)
+    names = ["vanilla", "vmkv", *args.variants] + (["control"] if args.control else [])
     args.gpu_share = round(0.9 / len(names), 3)  # vLLM's startup check of free memory, per side
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="vmkv-overhead-")
     os.makedirs(log_dir, exist_ok=True)
@@ -299,11 +321,13 @@ def main() -> None:
                     if batch["probe"]:
                         print(f"  {name} batch {index}: {batch['probe']}", flush=True)
     finally:
-        remove_segment()
+        remove_segments(["vmkv", *args.variants])
     ratio = statistics.median(ratios["vmkv"])
     print(f"vmkv / vanilla throughput, batch by batch: {quartiles(ratios['vmkv'])} (goal >= 0.99)")
     if filling:
         print(f"  while the cache fills (warm-up): {quartiles(filling)}")
+    for name in args.variants:
+        print(f"  {name} (vmkv with {args.variants[name]}) / vanilla: {quartiles(ratios[name])}")
     if args.control:
         print(f"  vanilla / vanilla (control: the machine's own spread): {quartiles(ratios['control'])}")
     import torch
@@ -313,6 +337,7 @@ def main() -> None:
     summary = {"bench": "vllm_overhead", "device": device, "mode": mode, "warmup": args.warmup}
     summary["engine_process"] = args.engine_process
     summary.update(rounds=rows, ratio=ratio, pairs=len(ratios["vmkv"]))
+    summary["side_ratios"] = {name: statistics.median(values) for name, values in ratios.items()}
     if args.control:
         summary["control_ratio"] = statistics.median(ratios["control"])
     emit(summary, args.json)

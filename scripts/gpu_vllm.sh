@@ -6,7 +6,8 @@
 #   bash scripts/gpu_vllm.sh bench   throughput on vmkv / vanilla, 886M model in /tmp/model (ROUNDS,
 #                                    REPEATS, WARMUP, KV_BYTES: see benchmarks/bench_vllm_overhead.py;
 #                                    BENCH_ARGS=--cuda-graphs: vLLM's default, not eager;
-#                                    BENCH_ARGS="--cuda-graphs --control": an A/A control as well)
+#                                    BENCH_ARGS="--cuda-graphs --control": an A/A control as well;
+#                                    --variant page32m:VMKV_PAGE_BYTES=33554432: another vmkv side)
 #   bash scripts/gpu_vllm.sh coloc   the co-location benchmark, static split vs vmkv, 886M model
 #                                    (ENGINES=vllm,sgl: SGLang instances too, after
 #                                    `bash scripts/gpu_sglang.sh install`; MODES=static, then
