@@ -241,6 +241,37 @@ def test_weights_are_respected_under_contention(segment):
     assert 0.65 <= mean <= 0.85, mean
 
 
+def test_what_could_go_back_is_counted_at_every_heartbeat_only_with_a_neighbour(segment):
+    """Counting what an instance could give back walks every cold block of its cache under
+    the allocator's lock: milliseconds for a large one, at every heartbeat. Alone on its
+    device, nobody can use the count, so it is made rarely; once another instance joins,
+    at every heartbeat again."""
+    from vmkv.allocator import BlockAllocator, KVSpace, PagePool
+    from vmkv.allocator.reclaim import Reclaimer
+
+    vmm = open_vmm("host", page_size=PAGE)
+    alone = join(vmm, "alone", segment=segment.name)
+    pool = PagePool(vmm, lease=alone)
+    allocator = BlockAllocator(KVSpace(pool, [PAGE // 4, PAGE // 4], 1024), keep_free_pages=0)
+    counts = []
+    reclaimer = Reclaimer(pool, [allocator])
+    count = reclaimer.reclaimable
+    reclaimer.reclaimable = lambda: counts.append(time.monotonic()) or count()  # type: ignore[method-assign]
+    alone.reclaimer = reclaimer
+    other = None
+    try:
+        time.sleep(6 * alone.heartbeat_s)  # 1.5 s: at start, then once a second
+        assert len(counts) <= 2, f"counted {len(counts)} times alone"
+        other = join(vmm, "other", segment=segment.name)
+        joined = time.monotonic()
+        time.sleep(6 * alone.heartbeat_s)
+        assert sum(1 for at in counts if at > joined) >= 3
+    finally:
+        if other is not None:
+            other.close()
+        alone.close()
+
+
 def test_a_busy_instance_is_asked_once_and_pays_as_its_blocks_free(segment):
     """Reclaim from an instance whose pages all hold live blocks leaves it owing; asking
     again must not double the debt, the debtor may not grow, and freeing blocks pays the
@@ -450,8 +481,8 @@ def test_only_shared_memory_objects_count_as_segments(segment, tmp_path):
 def test_cli_ls_prom_top_and_reset(segment):
     proc = spawn(segment, "served", "hold", "--seconds", "30")
     try:
-        deadline = time.monotonic() + 2
-        while time.monotonic() < deadline:  # reclaimable is refreshed by the heartbeat
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:  # reclaimable is counted by the heartbeat (alone: each second)
             rows = segment.table.snapshot()
             if rows and rows[0]["leased"] == 16 and rows[0]["reclaimable"] == 14:
                 break

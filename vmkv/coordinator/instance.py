@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 UNLIMITED = (1 << 63) - 1
 POLL_S = 0.0002
 DEBT_POLL_S = 0.02
+# How often an instance alone on its device counts what it could give back: only `vmkv ls`
+# reads that count then, and it walks every cold cached block under the allocator's lock.
+ALONE_COUNT_S = 1.0
 
 
 def ring(segment: Segment, slot: int) -> None:
@@ -148,7 +151,7 @@ class Instance:
                 if self.reclaimer is None:
                     self.table.heartbeat(self.slot, self.generation, 0)
                     continue
-                if time.monotonic() - counted_at >= DEBT_POLL_S:  # costs a walk of the cache
+                if time.monotonic() - counted_at >= self._count_interval(owed):  # walks the cache
                     reclaimable, counted_at = self.reclaimer.reclaimable(), time.monotonic()
                 owed = self.reclaimer.owed()
                 asked = self.table.heartbeat(self.slot, self.generation, reclaimable, owed)
@@ -161,6 +164,14 @@ class Instance:
             except Exception:  # the thread must survive; the error is logged and retried
                 log.exception("vmkv lease thread of %s", self.name)
                 time.sleep(self.heartbeat_s)
+
+    def _count_interval(self, owed: int) -> float:
+        """Seconds between counts of what this instance could give back. Other instances
+        decide whom to ask by that count, so it is fresh at every heartbeat while there
+        are any (and while this one owes); alone, it is only shown (ALONE_COUNT_S)."""
+        if owed or any(row["slot"] != self.slot for row in self.table.snapshot()):
+            return DEBT_POLL_S
+        return ALONE_COUNT_S
 
     def close(self) -> None:
         """Stop serving and leave the table (the lease goes back to the budget)."""
