@@ -130,9 +130,8 @@ def serve_side(args: argparse.Namespace) -> None:
     )
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     batch = [f"request {i}: " + "tell me a long story about a tiny model " * 4 for i in range(args.prompts)]
-    probe = None if args.engine_process else StepProbe(llm)
+    counts = dict if args.engine_process else StepProbe(llm).take  # no probe in another process
     llm.generate(batch[:8], params, use_tqdm=False)  # compiles and captures before timing
-    counts = probe.take if probe is not None else dict
     counts()
     print(MARK + json.dumps({"ready": True}), flush=True)
     for command in sys.stdin:
@@ -150,8 +149,8 @@ class Side:
     """A side's process, started and driven by the parent: one batch per ``run_batch``."""
 
     def __init__(self, name: str, args: argparse.Namespace, log_dir: str) -> None:
-        in_process = "0" if not args.engine_process else "1"
-        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": in_process, "HF_HUB_OFFLINE": "1"}
+        engine_process = "1" if args.engine_process else "0"
+        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": engine_process, "HF_HUB_OFFLINE": "1"}
         env.pop("VMKV", None)
         if name == "vmkv" or name in args.variants:
             env.update({"VMKV": "1", "VMKV_SEGMENT": f"{SEGMENT}-{name}"})

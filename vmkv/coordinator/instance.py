@@ -151,7 +151,7 @@ class Instance:
                 if self.reclaimer is None:
                     self.table.heartbeat(self.slot, self.generation, 0)
                     continue
-                if time.monotonic() - counted_at >= self._count_interval(owed):  # walks the cache
+                if self._count_due(time.monotonic() - counted_at, owed):  # walks the cache
                     reclaimable, counted_at = self.reclaimer.reclaimable(), time.monotonic()
                 owed = self.reclaimer.owed()
                 asked = self.table.heartbeat(self.slot, self.generation, reclaimable, owed)
@@ -165,13 +165,16 @@ class Instance:
                 log.exception("vmkv lease thread of %s", self.name)
                 time.sleep(self.heartbeat_s)
 
-    def _count_interval(self, owed: int) -> float:
-        """Seconds between counts of what this instance could give back. Other instances
-        decide whom to ask by that count, so it is fresh at every heartbeat while there
-        are any (and while this one owes); alone, it is only shown (ALONE_COUNT_S)."""
-        if owed or any(row["slot"] != self.slot for row in self.table.snapshot()):
-            return DEBT_POLL_S
-        return ALONE_COUNT_S
+    def _count_due(self, since: float, owed: int) -> bool:
+        """Whether to count again what this instance could give back, ``since`` seconds
+        after the last count. Other instances decide whom to ask by that count, so it is
+        fresh at every heartbeat while there are any (and while this one owes); alone, it
+        is only shown, and counted every ALONE_COUNT_S."""
+        if since < DEBT_POLL_S:
+            return False
+        if since >= ALONE_COUNT_S or owed:
+            return True
+        return any(row["slot"] != self.slot for row in self.table.snapshot())
 
     def close(self) -> None:
         """Stop serving and leave the table (the lease goes back to the budget)."""
