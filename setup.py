@@ -1,6 +1,7 @@
 """Builds the torch-free C++17 cores: vmkv.vmm_ops._C (virtual memory),
-vmkv.coordinator._table (the shared lease table) and vmkv.spill._index (the shared index
-of the host spill tier). Driver libraries are opened at run
+vmkv.allocator._book (the block allocator's bookkeeping), vmkv.coordinator._table (the
+shared lease table) and vmkv.spill._index (the shared index of the host spill tier).
+Driver libraries are opened at run
 time, so the build needs neither CUDA nor CANN; when cuda.h is found it is only used to
 check our ABI declarations at compile time."""
 
@@ -20,6 +21,15 @@ extension = Pybind11Extension(
     cxx_std=17,
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-fvisibility=hidden"],
     libraries=["dl"],
+)
+
+BOOK = "vmkv/allocator/csrc"
+block_book = Pybind11Extension(
+    "vmkv.allocator._book",
+    [f"{BOOK}/bindings.cpp", f"{BOOK}/block_book.cpp"],
+    include_dirs=[BOOK],
+    cxx_std=17,
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-fvisibility=hidden"],
 )
 
 # Robust process-shared locking and process liveness, shared by the two shared-memory tables.
@@ -42,4 +52,4 @@ spill_index = shared_table(
     "vmkv.spill._index", "vmkv/spill/csrc", ("bindings.cpp", "index.cpp", "blake2b.cpp")
 )
 
-setup(ext_modules=[extension, coordinator, spill_index], cmdclass={"build_ext": build_ext})
+setup(ext_modules=[extension, block_book, coordinator, spill_index], cmdclass={"build_ext": build_ext})

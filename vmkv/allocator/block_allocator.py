@@ -9,6 +9,11 @@ it stays allocated and its page stays mapped for the allocator's whole life.
 Running out is a miss (``alloc`` returns None), not an exception: the engine decides
 whether to wait or preempt. Misuse raises ``ValueError`` naming the bad id and changes
 nothing.
+
+Which blocks of the mapped pages are free is kept by the C++ :class:`BlockBook`: vLLM
+takes and returns blocks for every request of every scheduling step, and the same
+bookkeeping in Python cost several times vLLM's own free queue. This module decides
+what to map and unmap, and when.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from vmkv.allocator._book import BlockBook
 from vmkv.allocator.kv_space import KVSpace
 
 NULL_BLOCK = 0
@@ -96,18 +102,14 @@ class BlockAllocator:
         self._unmap_lock = threading.Lock()
         self.on_retired: Callable[[], None] | None = None
         self._spares, self._spares_until = 0, 0.0  # see hold_spares
-        self._allocated = bytearray(self.num_blocks)
-        # Mapped page -> its free slots, popped lowest id first.
-        self._free_slots: dict[int, list[int]] = {}
-        # _pages_by_free[k]: mapped pages with exactly k free blocks.
-        self._pages_by_free: list[set[int]] = [set() for _ in range(self.blocks_per_page + 1)]
-        # No mapped page has 1 to _room_from - 1 free blocks: best fit starts looking there
-        # (a scan from 1 costs microseconds a call with hundreds of blocks per page).
-        self._room_from = 1
+        # The pages in the book are those mapped; a page being mapped or unmapped is in
+        # neither the book nor the unmapped heap.
+        self._book = BlockBook(self.num_blocks, self.blocks_per_page)
+        # The book's free count, copied after each change: the engines read it for every
+        # request of every step, and a plain attribute costs a third of a C++ property.
+        self._free_mapped = 0
         self._unmapped: list[int] = list(range(space.num_pages))  # a heap: lowest first
         self._unmapped_blocks = self.num_blocks
-        self._free_mapped = 0
-        self._used = 0
         self._misses = 0
         deadline = time.monotonic() + startup_wait_s
         while not self._map_new_pages(1):
@@ -117,7 +119,6 @@ class BlockAllocator:
                     "the device (or this instance's lease) is full"
                 )
             time.sleep(0.005)
-        self._take(NULL_BLOCK)
 
     # -- queries ---------------------------------------------------------------------
 
@@ -135,41 +136,31 @@ class BlockAllocator:
 
     def num_empty_mapped_pages(self) -> int:
         """Mapped pages with no live block: what trim() would give back."""
-        return len(self._empty_pages())
+        return self._book.num_empty
 
     def spares_wanted(self) -> int:
         """How many more empty pages should be mapped now (see :meth:`hold_spares`);
         cheap enough for every scheduling step."""
-        empty = len(self._pages_by_free[self.blocks_per_page])
-        return max(0, min(self._kept_pages() - empty, len(self._unmapped)))
+        return max(0, min(self._kept_pages() - self._book.num_empty, len(self._unmapped)))
 
     def is_allocated(self, block: int) -> bool:
-        return 0 <= block < self.num_blocks and bool(self._allocated[block])
+        return self._book.is_allocated(block)
 
     def live_blocks(self, page: int) -> int:
         """Allocated blocks on mapped KV page ``page``."""
-        return len(self.page_blocks(page)) - len(self._free_slots.get(page, ()))
+        return self._book.live_blocks(page)
 
     def pages_only_holding(self, blocks: Iterable[int]) -> dict[int, list[int]]:
         """Mapped pages whose every allocated block is in ``blocks``: freeing those blocks
         empties them. Maps each such page to its blocks."""
-        by_page: dict[int, list[int]] = {}
-        for block in blocks:
-            if self.is_allocated(block) and block != NULL_BLOCK:
-                by_page.setdefault(block // self.blocks_per_page, []).append(block)
-        bpp = self.blocks_per_page
-        return {
-            page: held
-            for page, held in by_page.items()
-            if len(held) == bpp - len(self._free_slots.get(page, ()))
-        }
+        return self._book.pages_only_holding(list(blocks))
 
     def stats(self) -> AllocatorStats:
         return AllocatorStats(
             capacity_blocks=self.num_blocks,
             blocks_per_page=self.blocks_per_page,
             mapped_pages=self.space.mapped_pages,
-            used_blocks=self._used,
+            used_blocks=self._book.used,
             free_mapped_blocks=self._free_mapped,
             misses=self._misses,
         )
@@ -191,7 +182,7 @@ class BlockAllocator:
             if blocks is not None:
                 return blocks
             on_mapped = min(count, self._free_mapped)
-            return (self._alloc(on_mapped) or []) if on_mapped else []
+            return self._take(on_mapped) if on_mapped else []
 
     def _alloc(self, count: int) -> list[int] | None:
         shortfall = count - self._free_mapped
@@ -200,18 +191,11 @@ class BlockAllocator:
             if shortfall > self._unmapped_blocks or not self._map_new_pages(pages):
                 self._misses += 1
                 return None
-        blocks: list[int] = []
-        while len(blocks) < count:
-            page = self._fullest_page_with_room()
-            slots = self._free_slots[page]
-            take = min(count - len(blocks), len(slots))
-            self._move(page, len(slots), len(slots) - take)
-            for _ in range(take):
-                block = slots.pop()
-                self._allocated[block] = 1
-                blocks.append(block)
+        return self._take(count)
+
+    def _take(self, count: int) -> list[int]:
+        blocks = self._book.take(count)
         self._free_mapped -= count
-        self._used += count
         return blocks
 
     def free(self, blocks: Iterable[int]) -> None:
@@ -223,19 +207,10 @@ class BlockAllocator:
         self._settle()
 
     def _free(self, blocks: list[int]) -> None:
-        self._check_freeable(blocks)
-        for block in blocks:
-            page = block // self.blocks_per_page
-            slots = self._free_slots[page]
-            self._move(page, len(slots), len(slots) + 1)
-            slots.append(block)
-            self._allocated[block] = 0
-        # Keep each page's stack ordered so the lowest free slot is popped first.
-        for page in {b // self.blocks_per_page for b in blocks}:
-            self._free_slots[page].sort(reverse=True)
+        self._book.put(blocks)
         self._free_mapped += len(blocks)
-        self._used -= len(blocks)
-        self._release_empty_pages(self._kept_pages())
+        if self._book.num_empty > self.keep_free_pages:
+            self._release_empty_pages(self._kept_pages())
 
     # -- mapping ahead -------------------------------------------------------------------
 
@@ -284,14 +259,15 @@ class BlockAllocator:
         (SGLang's token slots), so that no per-block bookkeeping runs here."""
         _check_count(count, "page")
         with self.lock:
-            reuse = self._empty_pages()[:count]
+            reuse = self._book.empty_pages()[:count]
             fresh = count - len(reuse)
             mapped = self._map_new_pages(fresh) if 0 < fresh <= len(self._unmapped) else []
             if mapped is None or len(reuse) + len(mapped) < count:
                 self._misses += 1
                 return None
             pages = reuse + mapped
-            self._take_whole(pages)
+            self._book.take_whole(pages)
+            self._free_mapped = self._book.free_mapped
             return pages
 
     def take_pages(self, pages: Iterable[int]) -> bool:
@@ -317,54 +293,23 @@ class BlockAllocator:
                 return False
             self._unmapped = [page for page in self._unmapped if page not in wanted]
             heapq.heapify(self._unmapped)
-            self._take_whole(pages)
+            self._book.take_whole(pages)
+            self._free_mapped = self._book.free_mapped
             return True
-
-    def _take_whole(self, pages: list[int]) -> None:
-        for page in pages:
-            held = self.page_blocks(page)
-            self._move(page, len(self._free_slots[page]), 0)
-            self._free_slots[page] = []
-            self._allocated[held.start : held.stop] = b"\x01" * len(held)
-            self._free_mapped -= len(held)
-            self._used += len(held)
-
-    def _empty_pages(self) -> list[int]:
-        """Mapped pages without a live block, lowest first, the short last page included."""
-        empty = set(self._pages_by_free[self.blocks_per_page])
-        last = self.space.num_pages - 1
-        tail = self.page_blocks(last)
-        if len(tail) < self.blocks_per_page and len(self._free_slots.get(last, ())) == len(tail):
-            empty.add(last)
-        return sorted(empty)
 
     def free_pages(self, pages: Iterable[int]) -> None:
         """Return whole pages taken with :meth:`alloc_pages`; every block on them must be
         allocated. Empty pages beyond ``keep_free_pages`` are unmapped."""
-        pages = list(pages)
         with self.lock:
-            if len(set(pages)) != len(pages):
-                raise ValueError("a KV page is listed twice")
-            for page in pages:
-                if not 0 < page < self.space.num_pages:
-                    raise ValueError(f"KV page {page} out of range [1, {self.space.num_pages})")
-                held = self.page_blocks(page)
-                if self._free_slots.get(page) != [] or not all(self._allocated[held.start : held.stop]):
-                    raise ValueError(f"KV page {page} is not wholly allocated")
-            for page in pages:
-                held = self.page_blocks(page)
-                self._allocated[held.start : held.stop] = bytes(len(held))
-                self._free_slots[page] = list(reversed(held))
-                self._move(page, 0, len(held))
-                self._free_mapped += len(held)
-                self._used -= len(held)
+            self._book.put_whole(list(pages))
+            self._free_mapped = self._book.free_mapped
             self._release_empty_pages(self._kept_pages())
         self._settle()
 
     def trim(self, pages: int | None = None) -> int:
         """Unmap fully free pages now (all of them, or up to ``pages``); returns how many."""
         with self.lock:
-            empty = len(self._empty_pages())
+            empty = self._book.num_empty
             released = self._release_empty_pages(empty - min(empty, pages) if pages is not None else 0)
         self.unmap_retired()
         return released
@@ -386,7 +331,7 @@ class BlockAllocator:
                             self._retiring.append(page)
                         else:
                             heapq.heappush(self._unmapped, page)
-                            self._unmapped_blocks += len(self.page_blocks(page))
+                            self._unmapped_blocks += self._book.page_size(page)
 
     def _settle(self) -> None:
         if self._retiring:
@@ -396,39 +341,6 @@ class BlockAllocator:
                 self.unmap_retired()
 
     # -- internals ---------------------------------------------------------------------
-
-    def _check_freeable(self, blocks: list[int]) -> None:
-        check_block_ids(blocks, self.num_blocks)
-        for block in blocks:
-            if block == NULL_BLOCK:
-                raise ValueError("block 0 is the null block and is never freed")
-            if not self._allocated[block]:
-                raise ValueError(f"block {block} is not allocated (double free or never allocated)")
-
-    def _take(self, block: int) -> None:
-        page = block // self.blocks_per_page
-        slots = self._free_slots[page]
-        self._move(page, len(slots), len(slots) - 1)
-        slots.remove(block)
-        self._allocated[block] = 1
-        self._free_mapped -= 1
-
-    def _move(self, page: int, old_free: int, new_free: int) -> None:
-        self._pages_by_free[old_free].discard(page)
-        self._add_to_bucket(page, new_free)
-
-    def _add_to_bucket(self, page: int, free: int) -> None:
-        self._pages_by_free[free].add(page)
-        if 0 < free < self._room_from:
-            self._room_from = free
-
-    def _fullest_page_with_room(self) -> int:
-        for free in range(self._room_from, self.blocks_per_page + 1):
-            bucket = self._pages_by_free[free]
-            if bucket:
-                self._room_from = free
-                return min(bucket) if free == self.blocks_per_page else next(iter(bucket))
-        raise AssertionError("no mapped page has a free block")
 
     def _map_new_pages(self, count: int) -> list[int] | None:
         """The lowest unmapped pages, mapped, or None with nothing changed (also when a
@@ -450,27 +362,16 @@ class BlockAllocator:
         return True
 
     def _add_mapped(self, pages: list[int]) -> None:
-        bpp = self.blocks_per_page
-        for page in pages:
-            end = min((page + 1) * bpp, self.num_blocks)
-            self._free_slots[page] = list(range(end - 1, page * bpp - 1, -1))
-            self._add_to_bucket(page, end - page * bpp)
-            self._free_mapped += end - page * bpp
-            self._unmapped_blocks -= end - page * bpp
+        self._book.add_pages(pages)
+        self._free_mapped = self._book.free_mapped
+        self._unmapped_blocks -= sum(self._book.page_size(page) for page in pages)
 
     def _release_empty_pages(self, keep: int) -> int:
-        empty = self._empty_pages()
-        excess = len(empty) - keep
-        if excess <= 0:
-            return 0
-        victims = empty[len(empty) - excess :]  # the highest pages go first
-        for page in victims:
-            size = len(self.page_blocks(page))
-            self._pages_by_free[size].discard(page)
-            del self._free_slots[page]
-            self._free_mapped -= size
-        self._retiring.extend(victims)  # see unmap_retired
-        return excess
+        """Retire the highest empty pages beyond ``keep`` (see unmap_retired)."""
+        victims = self._book.retire_empty(keep)
+        self._free_mapped = self._book.free_mapped
+        self._retiring.extend(victims)
+        return len(victims)
 
 
 def _check_count(count: int, what: str) -> None:

@@ -82,7 +82,6 @@ class VmkvBlockPool(BlockPool):
         self._allocator = worker.stack.allocator
         if num_gpu_blocks > self._allocator.num_blocks:
             raise ValueError(f"{num_gpu_blocks} blocks exceed the KV space's {self._allocator.num_blocks}")
-        self._counting_everything = False
         # Blocks lookups found during the scheduler step in progress: the scheduler touches
         # them later in the same step, so reclaim (on another thread) must leave them.
         self._step_hits: set[int] = set()
@@ -94,6 +93,7 @@ class VmkvBlockPool(BlockPool):
         self.grow_misses = 0  # allocations that lost counted budget to a neighbour
         super().__init__(num_gpu_blocks, enable_caching, hash_block_size, *args, **kwargs)
         self._lock = self._allocator.lock
+        self._free_mapped_blocks = self._allocator.num_free_mapped_blocks
         # Only cached free blocks queue here; empty ones live in the allocator.
         self.free_block_queue = FreeKVCacheBlockQueue([])
         for block in self.blocks:
@@ -115,22 +115,18 @@ class VmkvBlockPool(BlockPool):
         """vLLM asks this for every request of every step, so it reads counters without
         the lock: reclaim on the coordinator's thread may move a block between the two
         counts in between, and the answer is then off by a few blocks for one step, which
-        get_new_blocks absorbs (it asks the coordinator again)."""
-        if self._counting_everything:  # inside reset_prefix_cache: vLLM's own accounting
-            return self.num_gpu_blocks - 1 - self._num_referenced()
-        return (
-            self._allocator.num_free_mapped_blocks()
-            + self.free_block_queue.num_free_blocks
-            + self._grantable_blocks()
-        )
+        get_new_blocks absorbs (it asks the coordinator again).
 
-    def _grantable_blocks(self) -> int:
-        """KVStack.grantable_blocks, read once per scheduling step and again whenever this
-        instance's pages change (the mapper's included): vLLM asks for every request."""
-        changes = self._pages.changes
-        if not self._scheduling or changes != self._grantable_changes:
-            self._grantable, self._grantable_changes = self._stack.grantable_blocks(), changes
-        return self._grantable
+        KVStack.grantable_blocks asks the coordinator: once per scheduling step, and
+        again whenever this instance's pages change (the mapper's included)."""
+        if self._grantable_changes != self._pages.changes or not self._scheduling:
+            self._grantable, self._grantable_changes = self._stack.grantable_blocks(), self._pages.changes
+        return self._free_mapped_blocks() + self.free_block_queue.num_free_blocks + self._grantable
+
+    def _count_everything(self) -> int:
+        """The free count inside reset_prefix_cache: vLLM's own accounting, every block
+        not referenced."""
+        return self.num_gpu_blocks - 1 - self._num_referenced()
 
     def get_usage(self) -> float:
         return self._num_referenced() / max(1, self.num_gpu_blocks - 1)
@@ -175,6 +171,8 @@ class VmkvBlockPool(BlockPool):
         with self._lock:
             fresh = self._allocator.alloc_up_to(num_blocks)
             missing = num_blocks - len(fresh)
+            if missing == 0:
+                return self._hand_out(fresh, [])
             cached = self.free_block_queue.popleft_n(min(missing, self.free_block_queue.num_free_blocks))
             missing -= len(cached)
             if missing == 0:
@@ -203,15 +201,17 @@ class VmkvBlockPool(BlockPool):
     def _hand_out(self, fresh: list[int], cached: list[KVCacheBlock]) -> list[KVCacheBlock]:
         """What vLLM's get_new_blocks does to the blocks it pops; empty blocks have no
         hash to evict."""
-        blocks = [self.blocks[block_id] for block_id in fresh] + cached
+        pool = self.blocks
+        blocks = [pool[block_id] for block_id in fresh] + cached
         if getattr(self, "_reuse_watchers", None):  # vLLM 0.32 and later
             self._notify_reuse(blocks)
-        if self.enable_caching:
+        if cached and self.enable_caching:
             for block in cached:
                 self._maybe_evict_cached_block(block)
         for block in blocks:
             block.ref_cnt += 1
-            if self.metrics_collector:
+        if self.metrics_collector:
+            for block in blocks:
                 self.metrics_collector.on_block_allocated(block)
         return blocks
 
@@ -230,8 +230,10 @@ class VmkvBlockPool(BlockPool):
                         to_cache.append(block)
                     else:
                         empty.append(block.block_id)
-            self.free_block_queue.append_n(to_cache)
-            self._allocator.free(empty)
+            if to_cache:
+                self.free_block_queue.append_n(to_cache)
+            if empty:
+                self._allocator.free(empty)
 
     # -- the prefix cache, under the lock ---------------------------------------------------
 
@@ -296,11 +298,11 @@ class VmkvBlockPool(BlockPool):
 
     def reset_prefix_cache(self) -> bool:
         with self._lock:
-            self._counting_everything = True
+            self.get_num_free_blocks = self._count_everything  # type: ignore[method-assign]
             try:
                 reset = super().reset_prefix_cache()
             finally:
-                self._counting_everything = False
+                del self.get_num_free_blocks
             if reset:
                 self._release_uncached_free_blocks()
             return reset
