@@ -30,19 +30,6 @@ from vmkv.allocator.kv_space import KVSpace
 NULL_BLOCK = 0
 
 
-def check_block_ids(blocks: Iterable[object], num_blocks: int) -> None:
-    """ValueError naming the first id that is not an int in [0, num_blocks) or repeats."""
-    seen: set[int] = set()
-    for block in blocks:
-        if isinstance(block, bool) or not isinstance(block, int):
-            raise ValueError(f"block id {block!r} is not an integer")
-        if not 0 <= block < num_blocks:
-            raise ValueError(f"block id {block} out of range [0, {num_blocks})")
-        if block in seen:
-            raise ValueError(f"block {block} is listed twice")
-        seen.add(block)
-
-
 @dataclass(frozen=True)
 class AllocatorStats:
     capacity_blocks: int
@@ -193,6 +180,9 @@ class BlockAllocator:
                 return None
         return self._take(count)
 
+    def _recount(self) -> None:
+        self._free_mapped = self._book.free_mapped
+
     def _take(self, count: int) -> list[int]:
         blocks = self._book.take(count)
         self._free_mapped -= count
@@ -267,7 +257,7 @@ class BlockAllocator:
                 return None
             pages = reuse + mapped
             self._book.take_whole(pages)
-            self._free_mapped = self._book.free_mapped
+            self._recount()
             return pages
 
     def take_pages(self, pages: Iterable[int]) -> bool:
@@ -294,7 +284,7 @@ class BlockAllocator:
             self._unmapped = [page for page in self._unmapped if page not in wanted]
             heapq.heapify(self._unmapped)
             self._book.take_whole(pages)
-            self._free_mapped = self._book.free_mapped
+            self._recount()
             return True
 
     def free_pages(self, pages: Iterable[int]) -> None:
@@ -302,7 +292,7 @@ class BlockAllocator:
         allocated. Empty pages beyond ``keep_free_pages`` are unmapped."""
         with self.lock:
             self._book.put_whole(list(pages))
-            self._free_mapped = self._book.free_mapped
+            self._recount()
             self._release_empty_pages(self._kept_pages())
         self._settle()
 
@@ -363,13 +353,13 @@ class BlockAllocator:
 
     def _add_mapped(self, pages: list[int]) -> None:
         self._book.add_pages(pages)
-        self._free_mapped = self._book.free_mapped
+        self._recount()
         self._unmapped_blocks -= sum(self._book.page_size(page) for page in pages)
 
     def _release_empty_pages(self, keep: int) -> int:
         """Retire the highest empty pages beyond ``keep`` (see unmap_retired)."""
         victims = self._book.retire_empty(keep)
-        self._free_mapped = self._book.free_mapped
+        self._recount()
         self._retiring.extend(victims)
         return len(victims)
 

@@ -15,17 +15,28 @@ launch per part (64 for Llama-3-8B), which would dominate the transfer time.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-
-from vmkv.allocator.block_allocator import check_block_ids
 
 if TYPE_CHECKING:
     import torch
 
 PART_ALIGN = 64
 MAX_GRID_ROWS_PER_BLOCK = 1 << 14  # finer grids cost more index math than they save
+
+
+def check_block_ids(blocks: Iterable[object], num_blocks: int) -> None:
+    """ValueError naming the first id that is not an int in [0, num_blocks) or repeats."""
+    seen: set[int] = set()
+    for block in blocks:
+        if isinstance(block, bool) or not isinstance(block, int):
+            raise ValueError(f"block id {block!r} is not an integer")
+        if not 0 <= block < num_blocks:
+            raise ValueError(f"block id {block} out of range [0, {num_blocks})")
+        if block in seen:
+            raise ValueError(f"block {block} is listed twice")
+        seen.add(block)
 
 
 @dataclass(frozen=True)
