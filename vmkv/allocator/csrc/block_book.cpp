@@ -103,7 +103,7 @@ int64_t BlockBook::best_page() {
 
 // -- blocks ------------------------------------------------------------------------------
 
-int64_t BlockBook::take_from(int64_t page, int64_t count, std::vector<int64_t>& out) {
+void BlockBook::take_from(int64_t page, int64_t count, std::vector<int64_t>& out) {
   const int64_t first = page * per_page_;
   int64_t taken = 0;
   unlink(page);
@@ -118,7 +118,6 @@ int64_t BlockBook::take_from(int64_t page, int64_t count, std::vector<int64_t>& 
   }
   free_count_[page] -= static_cast<int32_t>(taken);
   link(page);
-  return taken;
 }
 
 std::vector<int64_t> BlockBook::take(int64_t count) {

@@ -69,7 +69,7 @@ class BlockBook {
   void unlink(int64_t page);
   void link(int64_t page);
   int64_t best_page();
-  int64_t take_from(int64_t page, int64_t count, std::vector<int64_t>& out);
+  void take_from(int64_t page, int64_t count, std::vector<int64_t>& out);  // lowest free first
 
   int64_t num_blocks_, per_page_, num_pages_, words_per_page_;
   int64_t free_mapped_ = 0, used_ = 0, mapped_count_ = 0;
