@@ -29,11 +29,13 @@ from vmkv.allocator import BlockAllocator, KVSpace, PagePool
 from vmkv.allocator.reclaim import ColdCache, ColdTier, Reclaimer
 from vmkv.background import BackgroundChore
 from vmkv.coordinator import Instance, join, open_segment, parse_size
+from vmkv.coordinator.group import GroupLease
 from vmkv.vmm_ops import Vmm, open_vmm
 
 if TYPE_CHECKING:
     import torch
 
+    from vmkv.ranks import RankGroup
     from vmkv.spill import Namespace, SpillStore
 
 BACKEND_OF_DEVICE = {"cpu": "host", "cuda": "cuda", "npu": "acl"}
@@ -108,20 +110,36 @@ class KVStack:
     """Backend → lease → pool → KV space → block allocator, with reclaim (and spill)."""
 
     def __init__(
-        self, device: torch.device, block_bytes: Sequence[int], num_blocks: int, settings: StackSettings
+        self,
+        device: torch.device,
+        block_bytes: Sequence[int],
+        num_blocks: int,
+        settings: StackSettings,
+        ranks: RankGroup | None = None,
     ):
+        """``ranks``: the tensor-parallel ranks that hold the KV cache, when this process
+        (the scheduler's) holds none; every page then maps on all of them."""
         self.settings = settings
         self.device = device
-        self.vmm = open_backend(device)
+        self.vmm: Vmm | RankGroup = ranks if ranks is not None else open_backend(device)
+        self.ranks = ranks
         total = self.vmm.mem_info()[1]
-        self.instance: Instance = join(
-            self.vmm,
-            settings.name,
-            engine=settings.engine,
-            model=settings.model,
-            min_bytes=parse_size(settings.min_size, total) if settings.min_size else 0,
-            max_bytes=parse_size(settings.max_size, total) if settings.max_size else None,
-            weight=settings.weight,
+        min_bytes = parse_size(settings.min_size, total) if settings.min_size else 0
+        max_bytes = parse_size(settings.max_size, total) if settings.max_size else None
+        self.instance: Instance | GroupLease = (
+            join(
+                self.vmm,
+                settings.name,
+                settings.engine,
+                settings.model,
+                min_bytes,
+                max_bytes,
+                settings.weight,
+            )
+            if ranks is None
+            else ranks.join(
+                settings.name, settings.engine, settings.model, min_bytes, max_bytes, settings.weight
+            )
         )
         self.pool = PagePool(self.vmm, lease=self.instance)
         self.space = KVSpace(self.pool, block_bytes, num_blocks)
@@ -132,7 +150,7 @@ class KVStack:
         # there) unmapping emptied pages run on threads of this stack, not the engine's.
         self._mapper = BackgroundChore("vmkv-mapper", self._map_spares)
         self._unmapper = BackgroundChore("vmkv-unmapper", self.allocator.unmap_retired)
-        if self.vmm.kind != "host":
+        if self.vmm.kind != "host" or ranks is not None:  # ranks: an unmap waits for their steps
             self.allocator.on_retired = self._unmapper.wake
         self.reclaimer = Reclaimer(self.pool, [self.allocator])
         self.instance.reclaimer = self.reclaimer
@@ -250,8 +268,10 @@ class KVStack:
 
     def open_spill(self, tensors: Sequence[torch.Tensor], namespace: Namespace, block_dim: int = 0) -> None:
         """Open the spill tier for ``tensors`` as ``self.spill`` (stays None when
-        VMKV_SPILL=0), for engines that spill on their own thread instead of reclaim's."""
-        if self.settings.spill and self.spill is None:
+        VMKV_SPILL=0, or while the KV cache lives on tensor-parallel ranks: spilling
+        from them is not built), for engines that spill on their own thread instead of
+        reclaim's."""
+        if self.settings.spill and self.spill is None and self.ranks is None:
             from vmkv.spill import SpillStore
 
             self.spill = SpillStore(tensors, namespace, block_dim, vmm=self.vmm)
@@ -278,5 +298,7 @@ class KVStack:
         self._prefetcher.close()
         self.allocator.unmap_retired()
         self.instance.close()
+        if self.ranks is not None:
+            self.ranks.close()
         if self.spill is not None:
             self.spill.close()

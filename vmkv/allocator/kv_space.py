@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vmkv.allocator.page_pool import PagePool
@@ -39,10 +40,20 @@ def blocks_are_outermost(tensor: torch.Tensor, num_blocks: int) -> bool:
     return blocks % num_blocks == 0 and blocks * stride == tensor.untyped_storage().nbytes()
 
 
-class KVSpace:
-    """Virtual KV buffers of fixed capacity whose pages are mapped on demand."""
+@dataclass(frozen=True)
+class KVLayout:
+    """Where each buffer and each KV page lies in a KV space's reservation: the same for
+    every process that maps the space (each tensor-parallel rank reserves its own)."""
 
-    def __init__(self, pool: PagePool, block_bytes: Sequence[int], num_blocks: int) -> None:
+    block_bytes: tuple[int, ...]
+    page_size: int
+    blocks_per_page: int
+    num_pages: int
+    buffer_offsets: tuple[int, ...]
+    nbytes: int
+
+    @classmethod
+    def of(cls, block_bytes: Sequence[int], num_blocks: int, page_size: int) -> KVLayout:
         if not block_bytes:
             raise ValueError("a KV space needs at least one buffer")
         bad = [b for b in block_bytes if b <= 0]
@@ -50,23 +61,45 @@ class KVSpace:
             raise ValueError(f"block sizes must be positive, got {bad[0]}")
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        # The fewest blocks whose chunk is a whole number of physical pages in every buffer.
+        blocks_per_page = math.lcm(*(page_size // math.gcd(page_size, b) for b in block_bytes))
+        num_pages = -(-num_blocks // blocks_per_page)
+        sizes = [num_pages * blocks_per_page * b for b in block_bytes]
+        offsets = tuple(sum(sizes[:i]) for i in range(len(sizes)))
+        return cls(tuple(block_bytes), page_size, blocks_per_page, num_pages, offsets, sum(sizes))
+
+    @property
+    def capacity_blocks(self) -> int:
+        return self.num_pages * self.blocks_per_page
+
+    @property
+    def physical_per_page(self) -> int:
+        """Physical pages behind one KV page, over all buffers."""
+        return sum(self.blocks_per_page * b // self.page_size for b in self.block_bytes)
+
+    def page_offsets(self, page: int) -> list[int]:
+        """Offsets in the reservation of the physical pages that back KV page ``page``."""
+        out: list[int] = []
+        for offset, block in zip(self.buffer_offsets, self.block_bytes, strict=True):
+            chunk = self.blocks_per_page * block
+            out.extend(range(offset + page * chunk, offset + (page + 1) * chunk, self.page_size))
+        return out
+
+
+class KVSpace:
+    """Virtual KV buffers of fixed capacity whose pages are mapped on demand."""
+
+    def __init__(self, pool: PagePool, block_bytes: Sequence[int], num_blocks: int) -> None:
+        self.layout = layout = KVLayout.of(block_bytes, num_blocks, pool.page_size)
         self.pool = pool
         self.vmm = pool.vmm
-        self.block_bytes = tuple(block_bytes)
-        page = pool.page_size
-        # The fewest blocks whose chunk is a whole number of physical pages in every buffer.
-        self.blocks_per_page = math.lcm(*(page // math.gcd(page, b) for b in self.block_bytes))
-        self.num_pages = -(-num_blocks // self.blocks_per_page)
-        self.capacity_blocks = self.num_pages * self.blocks_per_page
-        self._chunk_bytes = [self.blocks_per_page * b for b in self.block_bytes]
-        self.physical_per_page = sum(c // page for c in self._chunk_bytes)
-        self.nbytes = sum(self.capacity_blocks * b for b in self.block_bytes)
+        self.block_bytes = layout.block_bytes
+        self.blocks_per_page = layout.blocks_per_page
+        self.num_pages = layout.num_pages
+        self.capacity_blocks = layout.capacity_blocks
+        self.physical_per_page = layout.physical_per_page
+        self.nbytes = layout.nbytes
         self.base = self.vmm.reserve(self.nbytes)
-        self._buffer_base: list[int] = []
-        offset = self.base
-        for b in self.block_bytes:
-            self._buffer_base.append(offset)
-            offset += self.capacity_blocks * b
         self._lock = threading.Lock()
         self._mapped: dict[int, list[int]] = {}
         # Mapped pages whose last unmap failed part-way: the addresses already unmapped.
@@ -83,19 +116,14 @@ class KVSpace:
 
     def buffer_address(self, buffer: int) -> int:
         self._check_buffer(buffer)
-        return self._buffer_base[buffer]
+        return self.base + self.layout.buffer_offsets[buffer]
 
     def _check_buffer(self, buffer: int) -> None:
         if not 0 <= buffer < len(self.block_bytes):
             raise ValueError(f"buffer {buffer} out of range [0, {len(self.block_bytes)})")
 
     def _addresses(self, page: int) -> list[int]:
-        size = self.pool.page_size
-        out: list[int] = []
-        for base, chunk in zip(self._buffer_base, self._chunk_bytes, strict=True):
-            start = base + page * chunk
-            out.extend(range(start, start + chunk, size))
-        return out
+        return [self.base + offset for offset in self.layout.page_offsets(page)]
 
     def _mapped_addresses(self, page: int) -> list[int]:
         gone = self._unmapped_part.get(page, ())

@@ -1,0 +1,163 @@
+"""Tensor-parallel ranks: the scheduler's stack maps, unmaps and leases pages on every
+rank, each a real process with its own host-backend memory (tests/rank_worker.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from vmkv.coordinator import Segment
+from vmkv.coordinator.segment import SHM_DIR, remove_segment
+from vmkv.ranks import ChannelError, RankGroup
+from vmkv.ranks.channel import Channel, Op, Status, channel_name, error_text
+from vmkv.stack import KVStack, StackSettings
+from vmkv.vmm_ops import OutOfDeviceMemory
+
+WORKER = Path(__file__).with_name("rank_worker.py")
+BLOCK_BYTES = [64 << 10] * 4  # as in rank_worker.py: 16 blocks a KV page, 4 physical pages
+
+
+class Rank:
+    def __init__(self, rank: int, world: int, capacity: int) -> None:
+        env = {**os.environ, "PYTHONPATH": str(WORKER.parent.parent)}
+        command = [sys.executable, str(WORKER), str(os.getpid()), str(rank), str(world), str(capacity)]
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
+        assert self.ask() == "ready"
+
+    def ask(self, line: str | None = None) -> str:
+        if line is not None:
+            self.process.stdin.write(line + "\n")
+            self.process.stdin.flush()
+        return self.process.stdout.readline().strip()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            self.process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def ranks(capacities: list[int]) -> Iterator[tuple[RankGroup, list[Rank]]]:
+    started = []
+    try:
+        for rank, capacity in enumerate(capacities):
+            started.append(Rank(rank, len(capacities), capacity))
+        group = RankGroup.connect()
+        assert group is not None
+        yield group, started
+    finally:
+        for rank in started:
+            rank.stop()
+
+
+@contextlib.contextmanager
+def group_stack(monkeypatch, group: RankGroup, budget: str = "256M") -> Iterator[KVStack]:
+    segment = f"/vmkv-{os.getuid()}-ranktest{os.getpid()}"
+    monkeypatch.setenv("VMKV_SEGMENT", segment)
+    monkeypatch.setenv("VMKV_BUDGET", budget)
+    settings = StackSettings("tp", "test", "tiny", keep_free_pages=0)
+    stack = KVStack(torch.device("cpu"), BLOCK_BYTES, 256, settings, ranks=group)
+    try:
+        yield stack
+    finally:
+        stack.close()
+        remove_segment(segment)
+
+
+def test_every_rank_maps_the_pages_the_scheduler_hands_blocks_from(monkeypatch):
+    with ranks([64 << 20, 64 << 20]) as (group, workers), group_stack(monkeypatch, group) as stack:
+        assert not list(SHM_DIR.glob(channel_name(os.getpid(), 0).lstrip("/") + "*"))  # names gone
+        allocator = stack.allocator
+        blocks = allocator.alloc(40)  # the null block's page, then two more
+        assert blocks is not None and stack.space.mapped_pages == 3
+        per_rank = stack.space.mapped_pages * stack.space.physical_per_page
+        assert [s["mapped"] for s in group.rank_stats()] == [per_rank, per_rank]
+        for rank, worker in enumerate(workers):  # each rank's memory is its own
+            for block in blocks:
+                assert worker.ask(f"write {block} {rank + 7}") == "ok"
+        assert {worker.ask(f"read {blocks[-1]}") for worker in workers} == {"7", "8"}
+        # The coordinator counts a page on each rank: both share this host's segment.
+        (row,) = Segment.attach(os.environ["VMKV_SEGMENT"]).table.snapshot()
+        assert row["held"] == row["leased"] == 2 * stack.pool.stats().held
+        allocator.free(blocks)
+        deadline = time.monotonic() + 5
+        while stack.space.mapped_pages > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [s["mapped"] for s in group.rank_stats()] == [stack.space.physical_per_page] * 2
+
+
+def test_an_unmap_waits_until_every_rank_has_run_the_steps_scheduled_before_it(monkeypatch):
+    with ranks([64 << 20, 64 << 20]) as (group, workers), group_stack(monkeypatch, group) as stack:
+        blocks = stack.allocator.alloc(20)
+        group.note_step()
+        group.note_step()  # two steps went out; they may still use these blocks' pages
+        stack.allocator.free(blocks)
+        trim = threading.Thread(target=stack.give_back)
+        trim.start()
+        time.sleep(0.3)
+        assert stack.space.mapped_pages >= 1 and trim.is_alive()
+        assert workers[0].ask("step") == workers[0].ask("step") == "ok"
+        assert workers[1].ask("step") == "ok"
+        time.sleep(0.2)
+        assert trim.is_alive()  # rank 1 has run one of the two
+        assert workers[1].ask("step") == "ok"
+        trim.join(timeout=5)
+        assert not trim.is_alive() and stack.space.mapped_pages == 1
+        assert [s["steps"] for s in group.rank_stats()] == [2, 2]
+
+
+def test_a_rank_whose_device_is_full_makes_the_allocation_a_miss_on_all(monkeypatch):
+    # Rank 1 has room for the null block's page (4 physical pages) and no more.
+    with ranks([64 << 20, 4 << 20]) as (group, _), group_stack(monkeypatch, group) as stack:
+        assert stack.allocator.alloc(stack.allocator.blocks_per_page) is None
+        assert [s["held"] for s in group.rank_stats()] == [4, 4]  # rank 0 gave its new ones back
+        with pytest.raises(OutOfDeviceMemory, match="rank 1"):
+            group.create_pages(1)
+
+
+def test_bad_commands_are_refused_by_name_and_change_nothing(monkeypatch):
+    with ranks([64 << 20]) as (group, _), group_stack(monkeypatch, group) as stack:
+        before = group.rank_stats()
+        with pytest.raises(ValueError, match="not a page of the ranks' KV reservation"):
+            group.map([(12345, 1)])
+        with pytest.raises(RuntimeError, match="which this rank does not hold"):
+            group.map([(stack.space.base + (8 << 20), 999)])
+        with pytest.raises(RuntimeError, match="not mapped"):
+            group.unmap([stack.space.base + (8 << 20)])
+        with pytest.raises(RuntimeError, match="not held once"):
+            group.release_pages([424242])
+        channel = group.channels[0]  # a command no rank knows, and one that lies about its size
+        channel.send(Op.STATS, 0, [])
+        assert channel.receive(5)[0] == Status.OK
+        channel.header[0] = 99
+        channel._ask.release()
+        status, payload = channel.receive(5)
+        assert status == Status.ERROR and "unknown command 99" in error_text(payload)
+        assert group.rank_stats() == before
+
+
+def test_a_rank_that_exits_is_named_and_no_one_waits_for_it(monkeypatch):
+    with ranks([64 << 20, 64 << 20]) as (group, workers), group_stack(monkeypatch, group) as stack:
+        workers[1].process.kill()
+        workers[1].process.wait()
+        with pytest.raises(ChannelError, match=r"rank 1 .* has exited"):
+            stack.allocator.alloc(4 * stack.allocator.blocks_per_page)
+        with pytest.raises(ChannelError, match="rank 1"):
+            group.rank_stats()
+
+
+def test_the_scheduler_finds_no_ranks_where_none_were_started():
+    assert RankGroup.connect(owner_pid=1) is None
+    with pytest.raises(ChannelError, match="no channel from rank 0"):
+        Channel.open(1, 0)
