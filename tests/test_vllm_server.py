@@ -71,3 +71,42 @@ def test_servers_share_a_budget_under_bursts_and_match_vanilla(tiny_model, tmp_p
 
         if Path("/dev/shm", segment.lstrip("/")).exists():
             remove_segment(segment)
+
+
+@cpu_engine
+def test_a_tensor_parallel_server_matches_vanilla_and_its_lease_returns_when_killed(tiny_model, tmp_path):  # noqa: F811
+    """`vllm serve --tensor-parallel-size 2` as deployed: API server, engine core and two
+    rank processes. The engine core's block pool drives both ranks; `vmkv ls` counts each
+    page on both (they share this host's segment); a SIGKILLed server's lease comes back."""
+    prompts = [f"prompt {i}: " + PROMPT[: 40 * (i + 1)] for i in range(3)]
+    tp = ("--distributed-executor-backend", "mp", "--tensor-parallel-size", "2")
+    bind = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    vanilla_env = server_env(False, **bind)
+    vanilla = VllmServer(tiny_model, vanilla_env, tmp_path / "vanilla.log", KV_BYTES, extra_args=tp)
+    try:
+        vanilla.wait_ready()
+        expected = [vanilla.complete(p) for p in prompts]
+    finally:
+        vanilla.stop()
+    segment = f"/vmkv-{os.getuid()}-tpserve{os.getpid()}"
+    env = server_env(
+        True, one_process=False, VMKV_SEGMENT=segment, VMKV_NAME="tp", VMKV_BUDGET=BUDGET,
+        VMKV_PAGE_BYTES=str(PAGE), **bind,
+    )  # fmt: skip
+    server = VllmServer(tiny_model, env, tmp_path / "tp.log", KV_BYTES, extra_args=tp)
+    try:
+        server.wait_ready()
+        assert [server.complete(p) for p in prompts] == expected
+        row = vmkv_ls(segment)["tp"]
+        assert row["held"] >= 2 and row["held"] % 2 == 0, row  # a page on each rank
+        server.stop(signal.SIGKILL)
+        deadline = time.monotonic() + 30  # the engine core notices its parent is gone
+        while "tp" in vmkv_ls(segment) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "tp" not in vmkv_ls(segment), "a killed tensor-parallel server's lease did not come back"
+    finally:
+        server.stop()
+        from vmkv.coordinator.segment import remove_segment
+
+        if Path("/dev/shm", segment.lstrip("/")).exists():
+            remove_segment(segment)

@@ -61,7 +61,22 @@ def vmkv_stats() -> dict:
         "grow_misses": worker.block_pool.grow_misses,
         "usage": worker.block_pool.get_usage(),  # blocks a request still references (0 when idle)
         "spill": stack.spill.stats() if stack.spill is not None else None,
+        "physical_per_page": stack.space.physical_per_page,
+        # Per tensor-parallel rank: physical pages mapped, pages held, steps run.
+        "ranks": stack.ranks.rank_stats() if stack.ranks is not None else None,
+        "coordinator_held": coordinator_held(stack.settings.name),
     }
+
+
+def coordinator_held(name: str) -> int | None:
+    """The pages the coordinator counts this instance as holding (VMKV_SEGMENT only)."""
+    from vmkv.coordinator import Segment
+
+    segment = os.environ.get("VMKV_SEGMENT")
+    if not segment:
+        return None
+    rows = Segment.attach(segment).table.snapshot()
+    return next(row["held"] for row in rows if row["name"] == name and row["pid"] == os.getpid())
 
 
 def count_events(counts: dict[str, int]) -> None:

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from vmkv.spill import Namespace, SpillStore
 
 BACKEND_OF_DEVICE = {"cpu": "host", "cuda": "cuda", "npu": "acl"}
+DEVICE_OF_BACKEND = {backend: device for device, backend in BACKEND_OF_DEVICE.items()}
 GRANTABLE_TTL_S = 0.005
 SPARE_HOLD_S = 2.0  # how long a step's worth of pages stays mapped ahead after the step
 MAP_AHEAD_BATCH = 4  # pages per map ahead: set-access goes one contiguous run at a time

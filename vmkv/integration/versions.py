@@ -17,6 +17,8 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
     "vllm": ("0.26", "0.32"),
     "sglang": ("0.5.15", "0.5.23"),
 }
+# engine -> the release lines on which vmkv runs tensor-parallel ranks (vmkv.ranks).
+TENSOR_PARALLEL: dict[str, tuple[str, ...]] = {"vllm": ("0.32",)}
 
 
 def enabled() -> bool:
@@ -29,14 +31,25 @@ class UnsupportedVersion(RuntimeError):
 
 
 class UnsupportedParallelism(RuntimeError):
-    """An engine of several ranks: vmkv maps a page in the process that decides it, and
-    does not yet carry that decision to the other ranks' processes."""
+    """An engine of several ranks in a layout that vmkv cannot carry its page decisions to."""
 
     def __init__(self, engine: str, parallelism: str) -> None:
+        supported = tensor_parallel_lines(engine.lower())
+        what = (
+            f"one worker, or tensor-parallel ranks of the multiprocessing executor on {engine} "
+            + ", ".join(line + ".x" for line in supported)
+            if supported
+            else "one worker"
+        )
         super().__init__(
-            f"vmkv supports one worker per {engine} engine so far; this one has {parallelism}. "
+            f"vmkv supports {what} per {engine} engine so far; this one has {parallelism}. "
             f"Unset VMKV to run {engine} without vmkv."
         )
+
+
+def tensor_parallel_lines(engine: str) -> tuple[str, ...]:
+    """The release lines of ``engine`` on which vmkv runs tensor-parallel ranks."""
+    return TENSOR_PARALLEL.get(engine, ())
 
 
 def release_line(version: str, supported: tuple[str, ...] = ()) -> str:

@@ -53,7 +53,7 @@ from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.request import Request, RequestStatus
 
 from vmkv.allocator.reclaim import holders_to_preempt
-from vmkv.integration.vllm.worker import check_blocks_outermost, current_worker
+from vmkv.integration.vllm.worker import check_blocks_outermost, scheduler_kv
 
 # How long get_new_blocks keeps asking the coordinator after a race lost the budget it
 # had counted as free: reclaim from others' cold blocks takes milliseconds, but a
@@ -76,7 +76,7 @@ class VmkvBlockPool(BlockPool):
 
         from vmkv.spill import Namespace
 
-        worker = current_worker()
+        worker = scheduler_kv()
         check_blocks_outermost(worker)
         self._stack = worker.stack
         self._allocator = worker.stack.allocator
@@ -151,6 +151,15 @@ class VmkvBlockPool(BlockPool):
             cold = [block for block, _ in self.cold_blocks()]
             chosen = set(holders_to_preempt(self._allocator, holdings, cold, pages))
         return [r for r in running if r.request_id in chosen]
+
+    def step_out(self) -> None:
+        """The step just scheduled goes to the ranks: unmaps decided from now on wait
+        until they have run it (vmkv.ranks). Counted last, so that an unmap in this
+        step's own scheduling (a debt paid after a preemption) waits only for the steps
+        already sent."""
+        ranks = self._stack.ranks
+        if ranks is not None:
+            ranks.note_step()
 
     def pay_debt(self) -> None:
         """After a preemption: the preempted requests' blocks are free or cold now."""
@@ -421,6 +430,7 @@ def wrap_schedule(original: Callable[..., Any], admission_limit: str) -> Callabl
         if self.waiting and not owes:
             first = self.waiting.peek_request()
             pool.on_shortfall(first.num_tokens - first.num_computed_tokens)
+        pool.step_out()
         return output
 
     return schedule

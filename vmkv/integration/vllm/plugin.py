@@ -18,7 +18,10 @@ names, all looked up by attribute, never by reading source:
   ``max_num_active_reqs`` on 0.32, ``max_num_running_reqs`` on 0.26), and to lease what
   the first waiting request lacks;
 * ``KVCacheManager.allocate_slots``: blocks that the free count promised but another
-  instance took first are vLLM's own miss (it preempts or waits), not an error.
+  instance took first are vLLM's own miss (it preempts or waits), not an error;
+* on 0.32, for tensor parallelism (vmkv.ranks): ``Worker.execute_model`` tells the
+  rank's channel when a step has run, and ``Scheduler.__init__`` runs with its config
+  current so that the block pool, in the engine core, reads this instance's settings.
 
 Every hook target is checked before anything is replaced, so a vLLM that lacks one is
 refused whole instead of running half-patched.
@@ -63,7 +66,12 @@ def _hooks(line: str) -> list[tuple[Any, str, Callable[[Any], Any]]]:
 
         common.append((cpu_worker.CPUWorker, "__init__", worker.wrap_worker_init))
     if line == "0.32":
-        return [(gpu_model_runner, "allocate_kv_cache", lambda _: worker.allocate_kv_cache), *common]
+        return [
+            (gpu_model_runner, "allocate_kv_cache", lambda _: worker.allocate_kv_cache),
+            (gpu_worker.Worker, "execute_model", worker.wrap_execute_model),
+            (Scheduler, "__init__", worker.wrap_scheduler_init),
+            *common,
+        ]
     from vllm.v1.worker.gpu import attn_utils
 
     return [

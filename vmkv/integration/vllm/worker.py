@@ -13,20 +13,31 @@ is a buffer of a KV space instead, and vLLM's own ``create_kv_cache_views`` make
 per-layer views, so shapes, strides and dtypes are exactly vanilla's (a layer's view
 does not show the distance between layers). Nothing is zero-filled: pages are mapped
 when the block pool hands their blocks out.
+
+At tensor parallel size > 1 (0.32, vLLM's multiprocessing executor) a rank joins no
+coordinator: its allocation reserves the same layout for its shard and serves a
+:mod:`vmkv.ranks` channel, and the scheduler's block pool, in the engine's process,
+drives every rank as one backend (:func:`scheduler_kv`).
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import inspect
+import logging
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vmkv.allocator.kv_space import blocks_are_outermost
 from vmkv.allocator.tensors import tensor_at, torch_device
-from vmkv.integration.versions import UnsupportedParallelism
-from vmkv.stack import KVStack, StackSettings, capacity_bytes
+from vmkv.integration.versions import UnsupportedParallelism, release_line, tensor_parallel_lines
+from vmkv.ranks import RankGroup, RankServer
+from vmkv.stack import DEVICE_OF_BACKEND, KVStack, StackSettings, capacity_bytes, open_backend
+
+log = logging.getLogger("vmkv")
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +55,7 @@ class WorkerKV:
 
 
 _worker: WorkerKV | None = None
+_rank: RankServer | None = None  # this process's KV shard, at tensor parallel size > 1
 _profiling = False  # inside a profiling-only KV allocation (vLLM's minimal CUDA-graph cache)
 
 
@@ -55,12 +67,30 @@ def current_worker() -> WorkerKV:
     """The KV cache of this process's worker (the scheduler shares its process at TP=1)."""
     if _worker is None:
         raise RuntimeError(
-            "vmkv's block pool found no vmkv KV cache in this process: vmkv needs the "
-            "scheduler and the worker in one process: tensor parallel size 1 with "
-            "--distributed-executor-backend uni (on the CPU, vLLM also needs "
-            "VLLM_ENABLE_V1_MULTIPROCESSING=0 to keep the uni executor)"
+            "vmkv's block pool found no vmkv KV cache in this process and no vmkv ranks it "
+            "spawned: vmkv needs the scheduler and the worker in one process "
+            "(--distributed-executor-backend uni; on the CPU, vLLM also needs "
+            "VLLM_ENABLE_V1_MULTIPROCESSING=0), or tensor-parallel ranks of vLLM's "
+            "multiprocessing executor"
         )
     return _worker
+
+
+def scheduler_kv() -> WorkerKV:
+    """The KV cache the scheduler's block pool hands out: this process's worker's, or
+    that of the tensor-parallel ranks this process spawned, driven as one (vmkv.ranks):
+    the pool then maps and unmaps pages on every rank, and spills nothing."""
+    global _worker
+    if _worker is None and (ranks := RankGroup.connect()) is not None:
+        device = torch_device(DEVICE_OF_BACKEND[ranks.kind], ranks.device)
+        layout = ranks.layout
+        stack = KVStack(device, layout.block_bytes, ranks.infos[0].num_blocks, _settings(), ranks=ranks)
+        _worker = WorkerKV(stack, [], "auto")
+        log.info(
+            "vmkv drives %d tensor-parallel ranks; reclaim drops their cold blocks (no spill tier yet)",
+            len(ranks.infos),
+        )
+    return current_worker()
 
 
 def allocate_kv_cache(
@@ -69,12 +99,14 @@ def allocate_kv_cache(
     layout: KVCacheLayout,
     kernel_block_sizes: list[int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Drop-in for ``vllm.v1.worker.utils.allocate_kv_cache`` over a vmkv KV space."""
+    """Drop-in for ``vllm.v1.worker.utils.allocate_kv_cache`` over a vmkv KV space (at
+    tensor parallel size > 1, over this rank's reservation, mapped as the scheduler says)."""
     import torch
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
     from vllm.v1.kv_cache_interface import UniformTypeKVCacheSpecs, create_kv_cache_views
     from vllm.v1.worker import utils
 
-    global _worker
+    global _worker, _rank
     if _profiling:  # a throwaway cache for profiling: vanilla, never leased
         return utils.allocate_kv_cache(kv_cache_config, device, layout, kernel_block_sizes)
     tensors = kv_cache_config.kv_cache_tensors
@@ -95,14 +127,22 @@ def allocate_kv_cache(
             f"(layer stride {first.layer_stride}, block stride {first.block_stride}). "
             "Set VLLM_KV_CACHE_LAYOUT=LBNHC or LBHNC, or unset VMKV"
         )
-    if _worker is not None:
+    if _worker is not None or _rank is not None:
         raise RuntimeError("vmkv allocates one KV cache per process; this one already has it")
-    settings = _settings()
-    stack = KVStack(device, [first.block_stride] * num_layers, num_blocks, settings)
-    space = stack.space
-    raw = tensor_at(stack.vmm.kind, device.index or 0, space.base, torch.int8, (space.nbytes,))
+    block_bytes = [first.block_stride] * num_layers
+    world = get_tensor_model_parallel_world_size()
+    if world > 1:
+        rank = get_tensor_model_parallel_rank()
+        # vLLM's multiprocessing executor spawns the ranks from the scheduler's process.
+        _rank = RankServer(open_backend(device), block_bytes, num_blocks, rank, world, os.getppid())
+        atexit.register(_rank.unlink)  # the scheduler unlinks it when it connects
+        kind, base, geometry = _rank.vmm.kind, _rank.base, _rank.layout
+    else:
+        stack = KVStack(device, block_bytes, num_blocks, _settings())
+        kind, base, geometry = stack.vmm.kind, stack.space.base, stack.space.layout
+    raw = tensor_at(kind, device.index or 0, base, torch.int8, (geometry.nbytes,))
     placed = dataclasses.replace(
-        first, size=space.nbytes, layer_stride=space.capacity_blocks * first.block_stride
+        first, size=geometry.nbytes, layer_stride=geometry.capacity_blocks * first.block_stride
     )
     kv_caches: dict[str, torch.Tensor] = {}
     for tensor in tensors:
@@ -124,8 +164,9 @@ def allocate_kv_cache(
             kernel_block_size,
         )
         kv_caches.update(zip(tensor.layers, views, strict=True))
-    dtype = str(kv_caches[first.layers[0]].dtype)
-    _worker = WorkerKV(stack, [kv_caches[name] for name in first.layers], dtype)
+    if world == 1:
+        dtype = str(kv_caches[first.layers[0]].dtype)
+        _worker = WorkerKV(stack, [kv_caches[name] for name in first.layers], dtype)
     return kv_caches
 
 
@@ -236,6 +277,8 @@ def wrap_allocate_kv_cache_tensors(original: Callable[..., dict[str, torch.Tenso
 def check_blocks_outermost(worker: WorkerKV) -> None:
     """Raises UnsupportedKVLayout unless every bound layer's KV tensor keeps each block
     in one contiguous slice of its buffer."""
+    if not worker.bound_layers:  # none on 0.32, whose allocation checks the layout itself
+        return
     num_blocks = worker.layer_views[0].shape[0]
     for name, layer in worker.bound_layers.items():
         cache = getattr(layer, "kv_cache", None)
@@ -269,34 +312,75 @@ def wrap_worker_init(original: Callable[..., None]) -> Callable[..., None]:
     """A worker's ``__init__`` that, when the user set no KV cache size, first sets it to
     the instance's vmkv capacity (its max, or the coordinator's budget), as if given on
     the command line: vLLM's profile of free memory would count the neighbours' elastic KV
-    caches as taken, differently at each start."""
+    caches as taken, differently at each start. Tensor-parallel ranks that share a
+    device (the host) share that capacity."""
     signature = inspect.signature(original)
 
     @functools.wraps(original)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         bound = signature.bind(self, *args, **kwargs).arguments
         config = bound["vllm_config"]
-        check_single_process(config.parallel_config)
+        check_parallelism(config.parallel_config)
         if not config.cache_config.kv_cache_memory_bytes:
             from vllm.platforms import current_platform
 
             device = torch_device(current_platform.device_type, bound.get("local_rank", 0))
-            config.cache_config.kv_cache_memory_bytes = capacity_bytes(device, _settings(config))
+            sharing = config.parallel_config.tensor_parallel_size if device.type == "cpu" else 1
+            config.cache_config.kv_cache_memory_bytes = capacity_bytes(device, _settings(config)) // sharing
         original(self, *args, **kwargs)
 
     return __init__
 
 
-def check_single_process(parallel: Any) -> None:
-    """Raises UnsupportedParallelism unless the engine is one scheduler and one worker."""
-    sizes = {
-        "tensor": parallel.tensor_parallel_size,
-        "pipeline": parallel.pipeline_parallel_size,
-        "data": parallel.data_parallel_size,
-    }
-    if any(size > 1 for size in sizes.values()):
-        used = ", ".join(f"{kind} parallel size {size}" for kind, size in sizes.items() if size > 1)
+def check_parallelism(parallel: Any) -> None:
+    """Raises UnsupportedParallelism unless the engine is one worker, or tensor-parallel
+    ranks that vLLM's multiprocessing executor spawns (the scheduler finds their
+    channels under its own process id) on a release line that supports them."""
+    import vllm
+
+    others = {"pipeline": parallel.pipeline_parallel_size, "data": parallel.data_parallel_size}
+    used = ", ".join(f"{kind} parallel size {size}" for kind, size in others.items() if size > 1)
+    if used:
         raise UnsupportedParallelism("vLLM", used)
+    tensor = parallel.tensor_parallel_size
+    if tensor == 1:
+        return
+    lines = tensor_parallel_lines("vllm")
+    if release_line(vllm.__version__, lines) not in lines:
+        raise UnsupportedParallelism("vLLM", f"tensor parallel size {tensor} on vLLM {vllm.__version__}")
+    if parallel.distributed_executor_backend != "mp":
+        backend = parallel.distributed_executor_backend
+        raise UnsupportedParallelism("vLLM", f"tensor parallel size {tensor} under the {backend!r} executor")
+
+
+def wrap_execute_model(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``Worker.execute_model`` that tells this rank's channel when a step has run, so
+    that an unmap the scheduler decided after sending it waits for it (vmkv.ranks)."""
+
+    @functools.wraps(original)
+    def execute_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            if _rank is not None:
+                _rank.step_done()
+
+    return execute_model
+
+
+def wrap_scheduler_init(original: Callable[..., None]) -> Callable[..., None]:
+    """``Scheduler.__init__`` with its config current, as in the workers, so that the
+    block pool it builds reads vmkv's settings for this instance from it."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        from vllm.config import set_current_vllm_config
+
+        with set_current_vllm_config(signature.bind(self, *args, **kwargs).arguments["vllm_config"]):
+            original(self, *args, **kwargs)
+
+    return __init__
 
 
 def _settings(config: Any = None) -> StackSettings:
