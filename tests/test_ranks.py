@@ -23,13 +23,14 @@ from vmkv.stack import KVStack, StackSettings
 from vmkv.vmm_ops import OutOfDeviceMemory
 
 WORKER = Path(__file__).with_name("rank_worker.py")
-BLOCK_BYTES = [64 << 10] * 4  # as in rank_worker.py: 16 blocks a KV page, 4 physical pages
+BLOCK_BYTES = [64 << 10] * 4  # as in rank_worker.py: on the host, 16 blocks a KV page of 4 pages
 
 
 class Rank:
-    def __init__(self, rank: int, world: int, capacity: int) -> None:
+    def __init__(self, rank: int, world: int, capacity: int, backend: str) -> None:
         env = {**os.environ, "PYTHONPATH": str(WORKER.parent.parent)}
         command = [sys.executable, str(WORKER), str(os.getpid()), str(rank), str(world), str(capacity)]
+        command.append(backend)
         self.process = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
         )
@@ -48,11 +49,11 @@ class Rank:
 
 
 @contextlib.contextmanager
-def ranks(capacities: list[int]) -> Iterator[tuple[RankGroup, list[Rank]]]:
+def ranks(capacities: list[int], backend: str = "host") -> Iterator[tuple[RankGroup, list[Rank]]]:
     started = []
     try:
         for rank, capacity in enumerate(capacities):
-            started.append(Rank(rank, len(capacities), capacity))
+            started.append(Rank(rank, len(capacities), capacity, backend))
         group = RankGroup.connect()
         assert group is not None
         yield group, started
@@ -75,11 +76,14 @@ def group_stack(monkeypatch, group: RankGroup, budget: str = "256M") -> Iterator
         remove_segment(segment)
 
 
-def test_every_rank_maps_the_pages_the_scheduler_hands_blocks_from(monkeypatch):
-    with ranks([64 << 20, 64 << 20]) as (group, workers), group_stack(monkeypatch, group) as stack:
+@pytest.mark.parametrize("backend", ["host", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_every_rank_maps_the_pages_the_scheduler_hands_blocks_from(monkeypatch, backend):
+    """On CUDA both ranks share GPU 0, each in its own process and context; the
+    scheduler's process opens no CUDA context at all."""
+    with ranks([64 << 20, 64 << 20], backend) as (group, workers), group_stack(monkeypatch, group) as stack:
         assert not list(SHM_DIR.glob(channel_name(os.getpid(), 0).lstrip("/") + "*"))  # names gone
         allocator = stack.allocator
-        blocks = allocator.alloc(40)  # the null block's page, then two more
+        blocks = allocator.alloc(2 * allocator.blocks_per_page)  # the null block's page, two more
         assert blocks is not None and stack.space.mapped_pages == 3
         per_rank = stack.space.mapped_pages * stack.space.physical_per_page
         assert [s["mapped"] for s in group.rank_stats()] == [per_rank, per_rank]
@@ -87,7 +91,7 @@ def test_every_rank_maps_the_pages_the_scheduler_hands_blocks_from(monkeypatch):
             for block in blocks:
                 assert worker.ask(f"write {block} {rank + 7}") == "ok"
         assert {worker.ask(f"read {blocks[-1]}") for worker in workers} == {"7", "8"}
-        # The coordinator counts a page on each rank: both share this host's segment.
+        # The coordinator counts a page on each rank: both share one device's segment.
         (row,) = Segment.attach(os.environ["VMKV_SEGMENT"]).table.snapshot()
         assert row["held"] == row["leased"] == 2 * stack.pool.stats().held
         allocator.free(blocks)

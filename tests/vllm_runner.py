@@ -64,6 +64,7 @@ def vmkv_stats() -> dict:
         "physical_per_page": stack.space.physical_per_page,
         # Per tensor-parallel rank: physical pages mapped, pages held, steps run.
         "ranks": stack.ranks.rank_stats() if stack.ranks is not None else None,
+        "steps_scheduled": stack.ranks.steps_scheduled if stack.ranks is not None else None,
         "coordinator_held": coordinator_held(stack.settings.name),
     }
 
