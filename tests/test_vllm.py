@@ -297,6 +297,7 @@ def test_unsupported_parallel_layouts_are_refused_naming_them(monkeypatch):
             distributed_executor_backend=backend,
         )
 
+    monkeypatch.setattr(vllm, "__version__", "0.32.0")
     check_parallelism(parallel(tensor=2))
     with pytest.raises(UnsupportedParallelism, match="this one has pipeline parallel size 2"):
         check_parallelism(parallel(pipeline=2))
