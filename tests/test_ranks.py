@@ -28,7 +28,8 @@ BLOCK_BYTES = [64 << 10] * 4  # as in rank_worker.py: on the host, 16 blocks a K
 
 class Rank:
     def __init__(self, rank: int, world: int, capacity: int, backend: str) -> None:
-        env = {**os.environ, "PYTHONPATH": str(WORKER.parent.parent)}
+        path = [str(WORKER.parent.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
         command = [sys.executable, str(WORKER), str(os.getpid()), str(rank), str(world), str(capacity)]
         command.append(backend)
         self.process = subprocess.Popen(
