@@ -32,6 +32,10 @@ def main() -> None:
     page = 1 << 20 if backend == "host" else 0
     vmm = open_vmm(backend, page_size=page, host_capacity=capacity if backend == "host" else 0)
     server = RankServer(vmm, BLOCK_BYTES, NUM_BLOCKS, rank, world, owner)
+    server.layer_views = [  # one (blocks, bytes) view per buffer, as an engine would lay them out
+        tensor_at(backend, 0, server.base + offset, torch.uint8, (NUM_BLOCKS, size))
+        for offset, size in zip(server.layout.buffer_offsets, BLOCK_BYTES, strict=True)
+    ]
 
     def block(index: int) -> torch.Tensor:
         return tensor_at(backend, 0, server.base + index * BLOCK_BYTES[0], torch.uint8, (BLOCK_BYTES[0],))

@@ -19,6 +19,7 @@ from vmkv.coordinator import Segment
 from vmkv.coordinator.segment import SHM_DIR, remove_segment
 from vmkv.ranks import ChannelError, RankGroup
 from vmkv.ranks.channel import Channel, Op, Status, channel_name, error_text
+from vmkv.spill import Namespace
 from vmkv.stack import KVStack, StackSettings
 from vmkv.vmm_ops import OutOfDeviceMemory
 
@@ -160,6 +161,30 @@ def test_a_rank_that_exits_is_named_and_no_one_waits_for_it(monkeypatch):
             stack.allocator.alloc(4 * stack.allocator.blocks_per_page)
         with pytest.raises(ChannelError, match="rank 1"):
             group.rank_stats()
+
+
+def test_each_rank_spills_and_reloads_its_own_shard_of_a_block(monkeypatch, tmp_path):
+    monkeypatch.setenv("VMKV_CPU_BYTES", "8M")
+    with ranks([64 << 20, 64 << 20]) as (group, workers), group_stack(monkeypatch, group) as stack:
+        stack.open_spill([], Namespace(f"ranktest{os.getpid()}", "auto", 32))
+        spill = stack.spill
+        block, other = stack.allocator.alloc(2)
+        for rank, worker in enumerate(workers):
+            assert worker.ask(f"write {block} {rank + 40}") == "ok"
+        spill.store([b"hash-a"], [block]).wait()
+        assert spill.lookup([b"hash-a", b"hash-b"]) == 1 and spill.lookup([b"hash-b"]) == 0
+        spill.retrieve([b"hash-a"], [other]).fence()
+        assert [worker.ask(f"read {other}") for worker in workers] == ["40", "41"]  # shards apart
+        assert spill.stats()["valid"] == 1
+        with pytest.raises(KeyError):
+            spill.retrieve([b"hash-b"], [other])
+        with pytest.raises(RuntimeError, match="block id 1000000 out of range"):
+            spill.store([b"hash-c"], [10**6])
+        channel = group.channels[0]  # a key list that does not add up
+        channel.send(Op.LOOKUP, 0, [5, 0, 1])
+        status, payload = channel.receive(5)
+        assert status == Status.ERROR and "does not add up" in error_text(payload)
+        assert spill.lookup([b"hash-a"]) == 1
 
 
 def test_the_scheduler_finds_no_ranks_where_none_were_started():

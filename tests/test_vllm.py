@@ -248,10 +248,10 @@ def test_tensor_parallel_ranks_map_every_page_and_match_vanilla_under_preemption
 
 
 @cpu_engine
-def test_tensor_parallel_ranks_give_back_a_cold_prefix_that_a_neighbour_reclaims(tiny_model, segment):
-    """A neighbour reclaims the TP=2 engine's cold prefix: its pages are unmapped on both
-    ranks and go back (spilling from ranks is not built: the prefix is dropped), and the
-    prefix asked again is recomputed to the same output."""
+def test_tensor_parallel_ranks_spill_a_reclaimed_prefix_and_reload_it_on_a_hit(tiny_model, segment):
+    """A neighbour reclaims the TP=2 engine's cold prefix: each rank copies its shard to
+    its own spill tier, and the pages are unmapped on both ranks and go back. The prefix
+    asked again comes back from the ranks' tiers and gives the same output."""
     page = 64 << 10  # four blocks a KV page: the prefix spans pages beyond the null block's
     budget = 32 * page
     env = tensor_parallel_env(
@@ -277,10 +277,13 @@ def test_tensor_parallel_ranks_give_back_a_cold_prefix_that_a_neighbour_reclaims
     assert engine.returncode == 0, err[-3000:]
     result = last_json(out)
     after = result["after_hold"]
-    assert after["dropped_blocks"] > 0 and after["held_pages"] < before["held_pages"], (before, after)
+    assert after["spilled_blocks"] > 0 and after["held_pages"] < before["held_pages"], (before, after)
+    assert after["spill"]["valid"] >= after["spilled_blocks"], after
     physical = after["mapped_pages"] * after["physical_per_page"]
     assert [rank["mapped"] for rank in after["ranks"]] == [physical, physical], after
     assert result["texts_again"] == result["texts"]
+    final = result["vmkv"]
+    assert final["reloaded_blocks"] > 0 and final["spill"]["retrieved_blocks"] > 0, final
 
 
 def test_unsupported_parallel_layouts_are_refused_naming_them(monkeypatch):

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     import torch
 
     from vmkv.ranks import RankGroup
+    from vmkv.ranks.spill import RankSpill
     from vmkv.spill import Namespace, SpillStore
 
 BACKEND_OF_DEVICE = {"cpu": "host", "cuda": "cuda", "npu": "acl"}
@@ -155,7 +156,7 @@ class KVStack:
             self.allocator.on_retired = self._unmapper.wake
         self.reclaimer = Reclaimer(self.pool, [self.allocator])
         self.instance.reclaimer = self.reclaimer
-        self.spill: SpillStore | None = None
+        self.spill: SpillStore | RankSpill | None = None
         self._grantable, self._grantable_at, self._grantable_changes = 0, float("-inf"), -1
         self._prefetcher = BackgroundChore("vmkv-prefetch", self._reserve_prefetched)
         self._prefetch_pages = 0
@@ -269,10 +270,15 @@ class KVStack:
 
     def open_spill(self, tensors: Sequence[torch.Tensor], namespace: Namespace, block_dim: int = 0) -> None:
         """Open the spill tier for ``tensors`` as ``self.spill`` (stays None when
-        VMKV_SPILL=0, or while the KV cache lives on tensor-parallel ranks: spilling
-        from them is not built), for engines that spill on their own thread instead of
-        reclaim's."""
-        if self.settings.spill and self.spill is None and self.ranks is None:
+        VMKV_SPILL=0), for engines that spill on their own thread instead of reclaim's.
+        With tensor-parallel ranks, each rank spills its shard of its own tensors."""
+        if not self.settings.spill or self.spill is not None:
+            return
+        if self.ranks is not None:
+            from vmkv.ranks.spill import RankSpill
+
+            self.spill = RankSpill(self.ranks, namespace)
+        else:
             from vmkv.spill import SpillStore
 
             self.spill = SpillStore(tensors, namespace, block_dim, vmm=self.vmm)

@@ -49,12 +49,18 @@ class Op(enum.IntEnum):
     MAPPED = 5  # payload: offsets; reply: 0 or 1 each
     STATS = 6  # reply: mapped offsets, pages held, steps done
     CLOSE = 7
+    SPILL_OPEN = 8  # payload: the namespace's fields as JSON (pack_bytes)
+    STORE = 9  # argument: the fence; payload: pack_keys(keys, blocks)
+    LOOKUP = 10  # payload: pack_keys(keys, []); reply: the leading keys held
+    RETRIEVE = 11  # argument: the fence; payload: pack_keys(keys, blocks)
+    SPILL_STATS = 12  # reply: valid blocks, stored, retrieved, slots
 
 
 class Status(enum.IntEnum):
     OK = 0
     OUT_OF_MEMORY = 1
-    ERROR = 2  # payload: the error's message, UTF-8
+    ERROR = 2  # payload: the error's message (pack_bytes)
+    MISSING = 3  # a key to retrieve is not in the rank's spill tier
 
 
 def channel_name(owner_pid: int, rank: int) -> str:
@@ -203,9 +209,7 @@ class Channel:
         self._answer.release()
 
     def answer_error(self, message: str) -> None:
-        text = message.encode()[: (DATA_WORDS - 1) * WORD]
-        padded = text + b"\0" * (-len(text) % WORD)
-        self.answer(Status.ERROR, [len(text), *array("q", padded)])
+        self.answer(Status.ERROR, pack_bytes(message.encode()[: (DATA_WORDS - 1) * WORD]))
 
     def close(self) -> None:
         for view in (self.info_words, self.header, self.data, self.words):
@@ -217,10 +221,45 @@ class Channel:
 
 def error_text(payload: list[int]) -> str:
     """The message of an ERROR answer."""
-    if not payload or not 0 <= payload[0] <= (len(payload) - 1) * WORD:
+    try:
+        return unpack_bytes(payload, 0)[0].decode(errors="replace")
+    except ValueError:
         return "(malformed error message)"
-    raw = array("q", payload[1:]).tobytes()[: payload[0]]
-    return raw.decode(errors="replace")
+
+
+def pack_bytes(data: bytes) -> list[int]:
+    """``data`` as words: its length, then its bytes padded to whole words."""
+    padded = data + b"\0" * (-len(data) % WORD)
+    return [len(data), *array("q", padded)]
+
+
+def unpack_bytes(words: list[int], at: int) -> tuple[bytes, int]:
+    """The bytes packed at ``words[at]`` and the index just past them; ValueError when
+    the length runs past the words."""
+    if not 0 <= at < len(words) or not 0 <= words[at] <= (len(words) - at - 1) * WORD:
+        raise ValueError("packed bytes run past the command")
+    size = words[at]
+    end = at + 1 + -(-size // WORD)
+    return array("q", words[at + 1 : end]).tobytes()[:size], end
+
+
+def pack_keys(keys: list[bytes], blocks: list[int]) -> list[int]:
+    """Block hashes (and the blocks they go with, if any) as one payload."""
+    return [len(keys), len(blocks), *blocks, *(word for key in keys for word in pack_bytes(key))]
+
+
+def unpack_keys(words: list[int]) -> tuple[list[bytes], list[int]]:
+    """What pack_keys packed; ValueError when the words do not add up."""
+    if len(words) < 2 or not 0 <= words[0] <= len(words) or words[1] not in (0, words[0]):
+        raise ValueError("a key list that does not add up")
+    count, with_blocks = words[0], words[1]
+    blocks, at, keys = words[2 : 2 + with_blocks], 2 + with_blocks, []
+    for _ in range(count):
+        key, at = unpack_bytes(words, at)
+        keys.append(key)
+    if at != len(words) or len(blocks) != with_blocks:
+        raise ValueError("a key list that does not add up")
+    return keys, blocks
 
 
 def unlink(name: str) -> None:

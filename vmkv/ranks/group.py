@@ -91,37 +91,40 @@ class RankGroup:
 
     def create_pages(self, count: int) -> list[int]:
         ids = [next(self._ids) for _ in range(count)]
-        answers = self._broadcast(Op.CREATE, 0, ids)
+        answers = self.broadcast(Op.CREATE, 0, ids)
         created = [rank for rank, (status, _) in enumerate(answers) if status == Status.OK]
         if len(created) == len(answers):
             return ids
-        self._broadcast(Op.RELEASE, 0, ids, ranks=created)
+        self.broadcast(Op.RELEASE, 0, ids, ranks=created)
         full = [rank for rank, (status, _) in enumerate(answers) if status == Status.OUT_OF_MEMORY]
-        _raise_errors(answers)
+        raise_errors(answers)
         raise OutOfDeviceMemory(f"no memory for {count} KV pages on rank {full[0]}'s device")
 
     def release_pages(self, pages: Sequence[int]) -> None:
-        _raise_errors(self._broadcast(Op.RELEASE, 0, list(pages)))
+        raise_errors(self.broadcast(Op.RELEASE, 0, list(pages)))
 
     def map(self, pairs: Sequence[tuple[int, int]]) -> None:
         words = [word for address, page in pairs for word in (self._offset(address), page)]
-        answers = self._broadcast(Op.MAP, 0, words)
+        answers = self.broadcast(Op.MAP, 0, words)
         mapped = [rank for rank, (status, _) in enumerate(answers) if status == Status.OK]
         if len(mapped) < len(answers):
             if mapped:  # all or nothing, as on one device
-                self._broadcast(Op.UNMAP, 0, words[::2], ranks=mapped)
-            _raise_errors(answers)
+                self.broadcast(Op.UNMAP, 0, words[::2], ranks=mapped)
+            raise_errors(answers)
 
     def unmap(self, addresses: Sequence[int]) -> list[int]:
         offsets = [self._offset(address) for address in addresses]
-        _raise_errors(self._broadcast(Op.UNMAP, self.steps_scheduled, offsets))
+        raise_errors(self.broadcast(Op.UNMAP, self.steps_scheduled, offsets))
         return []
+
+    def synchronize(self) -> None:
+        """Nothing to wait for here: a rank waits for its own device before it copies."""
 
     def mapped(self, addresses: Sequence[int]) -> list[bool]:
         """Whether any rank has a page at each address (one that is mapped anywhere may
         not be mapped again)."""
-        answers = self._broadcast(Op.MAPPED, 0, [self._offset(address) for address in addresses])
-        _raise_errors(answers)
+        answers = self.broadcast(Op.MAPPED, 0, [self._offset(address) for address in addresses])
+        raise_errors(answers)
         return [any(flags) for flags in zip(*(payload for _, payload in answers), strict=True)]
 
     # -- the engine's side -------------------------------------------------------------
@@ -132,8 +135,8 @@ class RankGroup:
 
     def rank_stats(self) -> list[dict[str, int]]:
         """Per rank: KV pages' physical pages mapped, pages held, steps run."""
-        answers = self._broadcast(Op.STATS, 0, [])
-        _raise_errors(answers)
+        answers = self.broadcast(Op.STATS, 0, [])
+        raise_errors(answers)
         return [dict(zip(("mapped", "held", "steps"), payload, strict=True)) for _, payload in answers]
 
     def join(
@@ -158,7 +161,7 @@ class RankGroup:
     def close(self) -> None:
         """Tell the ranks to unmap and release everything."""
         if self._broken is None:
-            self._broadcast(Op.CLOSE, 0, [])
+            self.broadcast(Op.CLOSE, 0, [])
         for channel in self.channels:
             channel.close()
 
@@ -170,7 +173,7 @@ class RankGroup:
             raise ValueError(f"address {address:#x} is not a page of the ranks' KV reservation")
         return offset
 
-    def _broadcast(
+    def broadcast(
         self, op: Op, argument: int, payload: list[int], ranks: Sequence[int] | None = None
     ) -> list[tuple[Status, list[int]]]:
         """Send one command to ``ranks`` (all by default) and wait for all answers."""
@@ -193,7 +196,7 @@ class RankGroup:
         return answer
 
 
-def _raise_errors(answers: list[tuple[Status, list[int]]]) -> None:
+def raise_errors(answers: list[tuple[Status, list[int]]]) -> None:
     for rank, (status, payload) in enumerate(answers):
         if status == Status.ERROR:
             raise RuntimeError(f"vmkv rank {rank}: {error_text(payload)}")

@@ -15,16 +15,24 @@ that many steps (:meth:`RankServer.step_done`, called after each of its steps).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 from vmkv.allocator.kv_space import KVLayout
-from vmkv.ranks.channel import Channel, Op, RankInfo, Status, unlink
+from vmkv.ranks.channel import Channel, Op, RankInfo, Status, unlink, unpack_bytes, unpack_keys
 from vmkv.vmm_ops import OutOfDeviceMemory, Vmm
 
+if TYPE_CHECKING:
+    import torch
+
+    from vmkv.spill import SpillStore
+
 log = logging.getLogger("vmkv")
+T = TypeVar("T")
 
 
 class CommandError(ValueError):
@@ -42,6 +50,10 @@ class RankServer:
         self.base = vmm.reserve(self.layout.nbytes)
         self._pages: dict[int, int] = {}  # the scheduler's page id -> this rank's page
         self._mapped: dict[int, int] = {}  # offset -> the scheduler's page id there
+        self.rank, self.world = rank, world
+        # The engine's KV tensors of this shard, blocks first: what the spill tier copies.
+        self.layer_views: list[torch.Tensor] = []
+        self.spill: SpillStore | None = None
         self._steps = 0
         self._stepped = threading.Condition()
         self._closing = False
@@ -105,8 +117,47 @@ class RankServer:
         elif op == Op.CLOSE:
             self._closing = True
             self.close_memory()
+        elif Op.SPILL_OPEN <= op <= Op.SPILL_STATS:
+            return self._spill_command(op, argument, payload)
         else:
             raise CommandError(f"unknown command {op}")
+        return Status.OK, []
+
+    def _spill_command(self, op: int, fence: int, payload: list[int]) -> tuple[Status, list[int]]:
+        """The spill tier of this rank's shard: every rank keeps its own, under the same
+        keys, in a namespace of its own (the shards' layouts are alike)."""
+        from vmkv.spill import Namespace, SpillStore, SpillTierFull
+
+        if op == Op.SPILL_OPEN:
+            if self.spill is None:
+                fields = json.loads(_unpack(unpack_bytes, payload, 0)[0])
+                namespace = Namespace(**{**fields, "shard": f"{self.rank}/{self.world}"})
+                self.spill = SpillStore(self.layer_views, namespace, vmm=self.vmm)
+            return Status.OK, []
+        if self.spill is None:
+            raise CommandError("no spill tier open on this rank")
+        if op == Op.SPILL_STATS:
+            stats = self.spill.stats()
+            keys = ("valid", "stored_blocks", "retrieved_blocks", "slot_count")
+            return Status.OK, [int(stats[key]) for key in keys]
+        keys, blocks = _unpack(unpack_keys, payload)
+        if op == Op.LOOKUP:
+            return Status.OK, [self.spill.lookup(keys)]
+        # The blocks may still be written by steps sent before: by the last step of the
+        # request a cold block belonged to, or of one preempted from a reloaded block.
+        self._wait_steps(fence)
+        self.vmm.synchronize()
+        try:
+            if op == Op.STORE:
+                self.spill.store(keys, blocks).wait()
+            else:
+                self.spill.retrieve(keys, blocks).wait()
+        except SpillTierFull as error:
+            raise CommandError(str(error)) from None
+        except KeyError:
+            return Status.MISSING, []
+        except ValueError as error:  # a block out of range, keys and blocks that differ
+            raise CommandError(str(error)) from None
         return Status.OK, []
 
     def _create(self, ids: list[int]) -> tuple[Status, list[int]]:
@@ -157,11 +208,14 @@ class RankServer:
                 raise CommandError(f"UNMAP at offset {offset:#x}, which is not mapped")
         if len(set(offsets)) != len(offsets):
             raise CommandError("UNMAP names an offset twice")
-        with self._stepped:  # after the steps that may still use these pages
-            self._stepped.wait_for(lambda: self._steps >= fence or self._closing)
+        self._wait_steps(fence)  # the steps sent before may still use these pages
         self.vmm.unmap([self.base + offset for offset in offsets])
         for offset in offsets:
             del self._mapped[offset]
+
+    def _wait_steps(self, fence: int) -> None:
+        with self._stepped:
+            self._stepped.wait_for(lambda: self._steps >= fence or self._closing)
 
     def _check_offset(self, offset: int) -> int:
         if not 0 <= offset < self.layout.nbytes or offset % self.layout.page_size:
@@ -174,6 +228,9 @@ class RankServer:
         """Unmap and release everything (the scheduler has gone; views must be dropped)."""
         with self._stepped:
             self._stepped.notify_all()
+        if self.spill is not None:
+            self.spill.close()
+            self.spill = None
         if self._mapped:
             self.vmm.unmap([self.base + offset for offset in self._mapped])
             self._mapped.clear()
@@ -184,3 +241,10 @@ class RankServer:
     def unlink(self) -> None:
         """Remove the channel's names (once the scheduler has opened it, or never will)."""
         unlink(self._channel.name)
+
+
+def _unpack(unpack: Callable[..., T], *args: object) -> T:
+    try:
+        return unpack(*args)
+    except ValueError as error:
+        raise CommandError(str(error)) from None

@@ -29,13 +29,16 @@ class Namespace:
     engine's KV cache dtype setting (e.g. "auto", "fp8_e4m3"), ``block_size`` tokens per
     block, and ``hash_seed`` whatever seeds the engine's block hashes (vLLM's
     PYTHONHASHSEED-derived NONE_HASH, for example). The tensor layout is added by the
-    store from the tensors themselves, so it cannot be declared wrongly.
+    store from the tensors themselves, so it cannot be declared wrongly. ``shard`` names
+    a tensor-parallel rank's part ("0/2"): the ranks' shards have alike layouts but
+    different heads, and must never be taken for one another.
     """
 
     model: str
     kv_dtype: str
     block_size: int
     hash_seed: str = ""
+    shard: str = ""
 
     def __post_init__(self) -> None:
         if not self.model:

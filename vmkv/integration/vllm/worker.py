@@ -79,17 +79,14 @@ def current_worker() -> WorkerKV:
 def scheduler_kv() -> WorkerKV:
     """The KV cache the scheduler's block pool hands out: this process's worker's, or
     that of the tensor-parallel ranks this process spawned, driven as one (vmkv.ranks):
-    the pool then maps and unmaps pages on every rank, and spills nothing."""
+    the pool then maps, unmaps, spills and reloads pages on every rank."""
     global _worker
     if _worker is None and (ranks := RankGroup.connect()) is not None:
         device = torch_device(DEVICE_OF_BACKEND[ranks.kind], ranks.device)
         layout = ranks.layout
         stack = KVStack(device, layout.block_bytes, ranks.infos[0].num_blocks, _settings(), ranks=ranks)
         _worker = WorkerKV(stack, [], "auto")
-        log.info(
-            "vmkv drives %d tensor-parallel ranks; reclaim drops their cold blocks (no spill tier yet)",
-            len(ranks.infos),
-        )
+        log.info("vmkv drives %d tensor-parallel ranks", len(ranks.infos))
     return current_worker()
 
 
@@ -164,9 +161,11 @@ def allocate_kv_cache(
             kernel_block_size,
         )
         kv_caches.update(zip(tensor.layers, views, strict=True))
-    if world == 1:
-        dtype = str(kv_caches[first.layers[0]].dtype)
-        _worker = WorkerKV(stack, [kv_caches[name] for name in first.layers], dtype)
+    layer_views = [kv_caches[name] for name in first.layers]
+    if world > 1:
+        _rank.layer_views = layer_views
+    else:
+        _worker = WorkerKV(stack, layer_views, str(layer_views[0].dtype))
     return kv_caches
 
 
