@@ -19,17 +19,26 @@ KV_BYTES = 8 << 20  # each server's static (virtual) KV size
 BUDGET = "10M"  # shared: less than the two static sizes together
 
 
-@cpu_engine
-def test_servers_share_a_budget_under_bursts_and_match_vanilla(tiny_model, tmp_path):  # noqa: F811
-    prompts = [f"prompt {i}: " + PROMPT[: 40 * (i + 1)] for i in range(3)]
-    # Vanilla as deployed (API server, engine core and worker apart); vmkv servers keep
-    # the scheduler and the worker in one process (see servers.py).
-    vanilla = VllmServer(tiny_model, server_env(False), tmp_path / "vanilla.log", KV_BYTES)
+PROMPTS = [f"prompt {i}: " + PROMPT[: 40 * (i + 1)] for i in range(3)]
+
+
+def vanilla_outputs(
+    model: Path, env: dict[str, str], tmp_path: Path, extra_args: tuple[str, ...] = ()
+) -> list[str]:
+    """What a vanilla server answers to PROMPTS."""
+    vanilla = VllmServer(model, env, tmp_path / "vanilla.log", KV_BYTES, extra_args=extra_args)
     try:
         vanilla.wait_ready()
-        expected = [vanilla.complete(p) for p in prompts]
+        return [vanilla.complete(p) for p in PROMPTS]
     finally:
         vanilla.stop()
+
+
+@cpu_engine
+def test_servers_share_a_budget_under_bursts_and_match_vanilla(tiny_model, tmp_path):  # noqa: F811
+    # Vanilla as deployed (API server, engine core and worker apart); vmkv servers keep
+    # the scheduler and the worker in one process (see servers.py).
+    expected = vanilla_outputs(tiny_model, server_env(False), tmp_path)
 
     segment = f"/vmkv-{os.getuid()}-servetest{os.getpid()}"
     servers = {}
@@ -42,8 +51,8 @@ def test_servers_share_a_budget_under_bursts_and_match_vanilla(tiny_model, tmp_p
             servers[name] = VllmServer(tiny_model, env, tmp_path / f"{name}.log", KV_BYTES)
         for server in servers.values():
             server.wait_ready()
-        assert [servers["a"].complete(p) for p in prompts] == expected
-        assert [servers["b"].complete(p) for p in prompts] == expected
+        assert [servers["a"].complete(p) for p in PROMPTS] == expected
+        assert [servers["b"].complete(p) for p in PROMPTS] == expected
 
         errors: list[str] = []
         peaks = {}
@@ -63,7 +72,7 @@ def test_servers_share_a_budget_under_bursts_and_match_vanilla(tiny_model, tmp_p
         while "b" in vmkv_ls(segment) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert "b" not in vmkv_ls(segment), "a killed server's lease did not come back"
-        assert servers["a"].complete(prompts[0]) == expected[0]
+        assert servers["a"].complete(PROMPTS[0]) == expected[0]
     finally:
         for server in servers.values():
             server.stop()
@@ -78,16 +87,9 @@ def test_a_tensor_parallel_server_matches_vanilla_and_its_lease_returns_when_kil
     """`vllm serve --tensor-parallel-size 2` as deployed: API server, engine core and two
     rank processes. The engine core's block pool drives both ranks; `vmkv ls` counts each
     page on both (they share this host's segment); a SIGKILLed server's lease comes back."""
-    prompts = [f"prompt {i}: " + PROMPT[: 40 * (i + 1)] for i in range(3)]
     tp = ("--distributed-executor-backend", "mp", "--tensor-parallel-size", "2")
     bind = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
-    vanilla_env = server_env(False, **bind)
-    vanilla = VllmServer(tiny_model, vanilla_env, tmp_path / "vanilla.log", KV_BYTES, extra_args=tp)
-    try:
-        vanilla.wait_ready()
-        expected = [vanilla.complete(p) for p in prompts]
-    finally:
-        vanilla.stop()
+    expected = vanilla_outputs(tiny_model, server_env(False, **bind), tmp_path, tp)
     segment = f"/vmkv-{os.getuid()}-tpserve{os.getpid()}"
     env = server_env(
         True, one_process=False, VMKV_SEGMENT=segment, VMKV_NAME="tp", VMKV_BUDGET=BUDGET,
@@ -96,7 +98,7 @@ def test_a_tensor_parallel_server_matches_vanilla_and_its_lease_returns_when_kil
     server = VllmServer(tiny_model, env, tmp_path / "tp.log", KV_BYTES, extra_args=tp)
     try:
         server.wait_ready()
-        assert [server.complete(p) for p in prompts] == expected
+        assert [server.complete(p) for p in PROMPTS] == expected
         row = vmkv_ls(segment)["tp"]
         assert row["held"] >= 2 and row["held"] % 2 == 0, row  # a page on each rank
         server.stop(signal.SIGKILL)
