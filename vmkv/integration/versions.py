@@ -34,16 +34,11 @@ class UnsupportedParallelism(RuntimeError):
     """An engine of several ranks in a layout that vmkv cannot carry its page decisions to."""
 
     def __init__(self, engine: str, parallelism: str) -> None:
-        supported = tensor_parallel_lines(engine.lower())
-        what = (
-            f"one worker, or tensor-parallel ranks of the multiprocessing executor on {engine} "
-            + ", ".join(line + ".x" for line in supported)
-            if supported
-            else "one worker"
-        )
+        lines = ", ".join(line + ".x" for line in tensor_parallel_lines(engine.lower()))
+        ranks = f" (or tensor-parallel ranks of the multiprocessing executor, on {engine} {lines})"
         super().__init__(
-            f"vmkv supports {what} per {engine} engine so far; this one has {parallelism}. "
-            f"Unset VMKV to run {engine} without vmkv."
+            f"vmkv supports one worker per {engine} engine{ranks if lines else ''} so far; "
+            f"this one has {parallelism}. Unset VMKV to run {engine} without vmkv."
         )
 
 

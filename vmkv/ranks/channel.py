@@ -140,9 +140,9 @@ class Channel:
     def create(cls, info: RankInfo, owner_pid: int) -> Channel:
         """The rank's end: a fresh channel (a stale one of a dead process with the same
         id is replaced) holding ``info``."""
-        words = info.words()
         if len(info.block_bytes) > MAX_BUFFERS:
             raise ValueError(f"{len(info.block_bytes)} KV buffers; a channel describes at most {MAX_BUFFERS}")
+        words = info.words()
         name = channel_name(owner_pid, info.rank)
         unlink(name)
         memory = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=CHANNEL_BYTES)

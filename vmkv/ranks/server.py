@@ -50,6 +50,7 @@ class RankServer:
         self.base = vmm.reserve(self.layout.nbytes)
         self._pages: dict[int, int] = {}  # the scheduler's page id -> this rank's page
         self._mapped: dict[int, int] = {}  # offset -> the scheduler's page id there
+        self._mapped_ids: set[int] = set()  # its values, kept apart: checked per command
         self.rank, self.world = rank, world
         # The engine's KV tensors of this shard, blocks first: what the spill tier copies.
         self.layer_views: list[torch.Tensor] = []
@@ -172,9 +173,11 @@ class RankServer:
 
     def _release(self, ids: list[int]) -> None:
         unknown = [i for i in ids if i not in self._pages]
-        if unknown or len(set(ids)) != len(ids):
-            raise CommandError(f"RELEASE names page id {unknown[0] if unknown else ids} not held once")
-        in_use = set(ids) & set(self._mapped.values())
+        if unknown:
+            raise CommandError(f"RELEASE of page id {unknown[0]}, which this rank does not hold")
+        if len(set(ids)) != len(ids):
+            raise CommandError("RELEASE names a page id twice")
+        in_use = set(ids) & self._mapped_ids
         if in_use:
             raise CommandError(f"RELEASE of page id {min(in_use)}, which is still mapped")
         self.vmm.release_pages([self._pages[i] for i in ids])
@@ -194,13 +197,14 @@ class RankServer:
         if (
             len(set(offsets)) != len(offsets)
             or len(set(ids)) != len(ids)
-            or set(ids) & set(self._mapped.values())
+            or not self._mapped_ids.isdisjoint(ids)
         ):
             raise CommandError("MAP names an offset or a page twice, or a page mapped elsewhere")
         self.vmm.map(
             [(self.base + offset, self._pages[page]) for offset, page in zip(offsets, ids, strict=True)]
         )
         self._mapped.update(zip(offsets, ids, strict=True))
+        self._mapped_ids.update(ids)
 
     def _unmap(self, fence: int, offsets: list[int]) -> None:
         for offset in offsets:
@@ -211,7 +215,7 @@ class RankServer:
         self._wait_steps(fence)  # the steps sent before may still use these pages
         self.vmm.unmap([self.base + offset for offset in offsets])
         for offset in offsets:
-            del self._mapped[offset]
+            self._mapped_ids.discard(self._mapped.pop(offset))
 
     def _wait_steps(self, fence: int) -> None:
         with self._stepped:
@@ -234,6 +238,7 @@ class RankServer:
         if self._mapped:
             self.vmm.unmap([self.base + offset for offset in self._mapped])
             self._mapped.clear()
+            self._mapped_ids.clear()
         if self._pages:
             self.vmm.release_pages(list(self._pages.values()))
             self._pages.clear()
