@@ -33,6 +33,9 @@ python3 -m pytest -q -m "not gpu" -p no:cacheprovider tests 2>&1 | tee "$OUT/pyt
 
 (cd benchmarks && python3 bench_vmm.py --backend cuda --json) 2>&1 | tee "$OUT/bench_vmm_cuda.txt"
 (cd benchmarks && python3 bench_vmm.py --backend cuda --page-mib 32 --json) 2>&1 | tee "$OUT/bench_vmm_cuda_32m.txt"
+# Where the driver's per-handle time goes (raw driver calls, no vmkv): see the source.
+g++ -O2 -std=c++17 -I/usr/local/cuda/include benchmarks/cuda_vmm_probe.cpp -L/usr/local/cuda/lib64/stubs \
+  -lcuda -lpthread -o /tmp/cuda_vmm_probe && /tmp/cuda_vmm_probe 64 15 2>&1 | tee "$OUT/cuda_vmm_probe.txt"
 (cd benchmarks && python3 bench_alloc.py --backend cuda --json) 2>&1 | tee "$OUT/bench_alloc_cuda.txt"
 (cd benchmarks && python3 bench_spill.py --backend cuda --json) 2>&1 | tee "$OUT/bench_spill_cuda.txt"
 

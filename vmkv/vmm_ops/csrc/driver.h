@@ -67,9 +67,10 @@ class Driver {
   // calls this once before each unmap batch: an engine that frees a block while its last
   // step is still running (asynchronous scheduling, preemption) must not fault.
   virtual void quiesce() {}
-  // Grant read/write access to a contiguous, freshly mapped range. Only CUDA needs it;
-  // Vmm calls it once per contiguous run of a batch because one call over a range is
-  // ~150x cheaper per page than one call per page.
+  // Grant read/write access to a contiguous, freshly mapped range. Only CUDA needs it.
+  // Vmm calls it once per contiguous run of a batch, the fewest calls the API allows;
+  // the driver still does its work per mapped handle (~25 us each on an H100, see
+  // benchmarks/cuda_vmm_probe.cpp), so this saves call overhead, not that work.
   virtual void set_access(uintptr_t /*va*/, size_t /*size*/) {}
   // Page-lock host memory so copies between it and the device run asynchronously at full
   // speed (the spill tier's shared slots). Host memory needs nothing on the host backend.
