@@ -5,7 +5,9 @@
 // tries the remaining ways to make the driver's per-handle work cheaper: one grant per
 // page or per run, shareable (POSIX fd) handles, a 1 GiB-aligned reservation, several
 // threads mapping disjoint runs at once, larger handles, re-mapping the same handle at the
-// same address, and mapping part of a larger handle.
+// same address, and mapping part of a larger handle. It also measures kvcached's naive
+// path (create + map + access per page) beside the pooled one, on an idle device, with
+// 40 GiB held by another tenant, and while a stream keeps the device busy.
 //
 // Build and run (scripts/gpu_check.sh does both):
 //   g++ -O2 -std=c++17 -I/usr/local/cuda/include benchmarks/cuda_vmm_probe.cpp \
@@ -158,6 +160,77 @@ static void probe_access_after_remap() {
   CK(cuMemRelease(h));
 }
 
+// kvcached's path: a cuMemCreate, cuMemMap and cuMemSetAccess per page, and a cuMemUnmap
+// and cuMemRelease per page to give it back.
+static void run_naive(const char* state, int pages, int repeats) {
+  CUmemAllocationProp prop{};
+  prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+  prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+  CUmemAccessDesc access{};
+  access.location = prop.location;
+  access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  CUdeviceptr base;
+  CK(cuMemAddressReserve(&base, g_page * pages, 0, 0, 0));
+  std::vector<CUmemGenericAllocationHandle> handles(pages);
+  std::vector<double> map_us, unmap_us;
+  for (int rep = 0; rep < repeats; ++rep) {
+    double t0 = now_us();
+    for (int i = 0; i < pages; ++i) {
+      CK(cuMemCreate(&handles[i], g_page, &prop, 0));
+      CK(cuMemMap(base + i * g_page, g_page, 0, handles[i], 0));
+      CK(cuMemSetAccess(base + i * g_page, g_page, &access, 1));
+    }
+    double t1 = now_us();
+    for (int i = 0; i < pages; ++i) {
+      CK(cuMemUnmap(base + i * g_page, g_page));
+      CK(cuMemRelease(handles[i]));
+    }
+    double t2 = now_us();
+    map_us.push_back((t1 - t0) / pages);
+    unmap_us.push_back((t2 - t1) / pages);
+  }
+  CK(cuMemAddressFree(base, g_page * pages));
+  std::printf("%-28s pages=%3d page=%zuMiB naive      create+map+access %7.2f us/page  unmap+release %7.2f\n",
+              state, pages, g_page >> 20, median(map_us), median(unmap_us));
+  char entry[256];
+  std::snprintf(entry, sizeof entry,
+                ", {\"variant\": \"naive, %s\", \"page_mib\": %zu, \"map_access_us\": %.2f, \"unmap_us\": %.2f}",
+                state, g_page >> 20, median(map_us), median(unmap_us));
+  g_json += entry;
+}
+
+// Another tenant's memory: `count` handles of one page, each mapped and accessible.
+struct Tenant {
+  std::vector<CUmemGenericAllocationHandle> handles;
+  CUdeviceptr base = 0;
+  size_t size = 0;
+};
+
+static Tenant hold(size_t count) {
+  CUmemAllocationProp prop{};
+  prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+  prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+  CUmemAccessDesc access{};
+  access.location = prop.location;
+  access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  Tenant tenant;
+  tenant.size = count * g_page;
+  tenant.handles.resize(count);
+  CK(cuMemAddressReserve(&tenant.base, tenant.size, 0, 0, 0));
+  for (size_t i = 0; i < count; ++i) {
+    CK(cuMemCreate(&tenant.handles[i], g_page, &prop, 0));
+    CK(cuMemMap(tenant.base + i * g_page, g_page, 0, tenant.handles[i], 0));
+  }
+  CK(cuMemSetAccess(tenant.base, tenant.size, &access, 1));
+  return tenant;
+}
+
+static void drop(Tenant& tenant) {
+  CK(cuMemUnmap(tenant.base, tenant.size));
+  for (auto h : tenant.handles) CK(cuMemRelease(h));
+  CK(cuMemAddressFree(tenant.base, tenant.size));
+}
+
 int main(int argc, char** argv) {
   int pages = argc > 1 ? std::atoi(argv[1]) : 64;
   int repeats = argc > 2 ? std::atoi(argv[2]) : 15;
@@ -186,6 +259,52 @@ int main(int argc, char** argv) {
       {"threads", 16, none, 0, false},
   };
   for (const auto& v : variants) run(v, pages, repeats);
+  run_naive("idle device", pages, repeats);
+  {
+    // A serving node: 40 GiB already held by another tenant in single-page handles.
+    Tenant tenant = hold((size_t(40) << 30) / g_page);
+    run({"40 GiB held by a tenant", 1, none, 0, false}, pages, repeats);
+    run_naive("40 GiB held by a tenant", pages, repeats);
+    drop(tenant);
+  }
+  {
+    // The device busy: a stream of memsets over 2 GiB queued, about 0.3 s of work.
+    CUstream stream;
+    CK(cuStreamCreate(&stream, CU_STREAM_NON_BLOCKING));
+    CUdeviceptr busy;
+    const size_t busy_bytes = size_t(2) << 30;
+    CK(cuMemAlloc(&busy, busy_bytes));
+    // Few enough that queuing them does not block (the driver's queue is finite).
+    double queued_at = now_us();
+    for (int i = 0; i < 400; ++i) CK(cuMemsetD8Async(busy, i & 0xff, busy_bytes, stream));
+    std::printf("400 memsets of 2 GiB queued in %.1f ms\n", (now_us() - queued_at) / 1e3);
+    {
+      // The first map while the stream runs: does the driver wait for the device?
+      Tenant one = hold(1);
+      double first = now_us();
+      drop(one);
+      one = hold(1);
+      double second = now_us();
+      drop(one);
+      std::printf("one page while busy: unmap+release+create+map+access %.0f us\n", second - first);
+      char entry[128];
+      std::snprintf(entry, sizeof entry, ", {\"variant\": \"one page cycled while busy\", \"us\": %.1f}",
+                    second - first);
+      g_json += entry;
+    }
+    double t0 = now_us();
+    run({"device busy (memset stream)", 1, none, 0, false}, pages, repeats);
+    run_naive("device busy (memset stream)", pages, repeats);
+    double t1 = now_us();
+    bool still_busy = cuStreamQuery(stream) == CUDA_ERROR_NOT_READY;
+    std::printf("busy stream still running after the busy variants (%.0f ms): %s\n", (t1 - t0) / 1e3,
+                still_busy ? "yes" : "no");
+    g_json += std::string(", {\"variant\": \"busy stream outlasted the busy variants\", \"result\": ") +
+              (still_busy ? "true" : "false") + "}";
+    CK(cuStreamSynchronize(stream));
+    CK(cuMemFree(busy));
+    CK(cuStreamDestroy(stream));
+  }
   for (size_t mult : {16}) {
     size_t saved = g_page;
     g_page = saved * mult;

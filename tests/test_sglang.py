@@ -53,7 +53,7 @@ def vmkv_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VMKV_BUDGET", str(40 * PAGE))  # 10 KV pages
     monkeypatch.setenv("VMKV_KEEP_FREE_PAGES", "0")
     monkeypatch.setenv("VMKV_SPILL", "0")
-    plugin.install()
+    plugin.install_hooks()
 
 
 @pytest.fixture
@@ -448,7 +448,7 @@ def test_a_vllm_server_and_sglang_share_one_budget(tmp_path: Path, monkeypatch: 
         server.wait_ready()
         for name, value in {**shared, "VMKV_NAME": "sglang", "VMKV_SPILL": "0"}.items():
             monkeypatch.setenv(name, value)
-        plugin.install()
+        plugin.install_hooks()
         pool = memory_pool.MHATokenToKVPool(6144, 1, torch.float16, 4, 64, LAYERS, "cpu", False)
         allocator = token_allocator(pool)
         cache = radix_cache(allocator, rows=8192)

@@ -113,6 +113,25 @@ def test_prefetch_takes_idle_pages_another_instance_holds(monkeypatch):
         assert b.allocator.alloc(wanted) is not None
 
 
+def test_an_allocation_waits_for_pages_a_busy_neighbour_frees_and_misses_past_its_deadline(monkeypatch):
+    """Budget an engine counted as free can go to a neighbour first. alloc_waiting asks
+    again until the neighbour pays (its requests finish) and is a plain miss, with
+    nothing taken, once its time is up."""
+    with two_stacks(monkeypatch, "waiting", "16M") as (a, b):
+        held = a.allocator.alloc(a.grantable_blocks())  # in use: nothing a can give at once
+        assert held is not None and b.grantable_blocks() == 0
+        wanted = b.allocator.num_free_mapped_blocks() + 1  # one more than its null block's page holds
+        assert b.alloc_waiting(wanted, 0.05) is None
+        assert b.allocator.stats().used_blocks == 0 and b.space.mapped_pages == 1 and a.owes()  # asked
+        finish = threading.Timer(0.1, a.allocator.free, args=(held,))  # a's requests finish
+        finish.start()
+        try:
+            got = b.alloc_waiting(wanted, 10)
+        finally:
+            finish.join()
+        assert got is not None and len(got) == wanted and not a.owes()
+
+
 def test_a_step_that_took_pages_gets_as_many_mapped_ahead_from_free_budget_only(monkeypatch):
     """After a scheduling step that took N pages' worth of new blocks, the stack maps N
     pages ahead on its own thread, so that the next such step maps nothing itself. It

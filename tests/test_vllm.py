@@ -159,7 +159,7 @@ def test_the_v2_warmup_gets_the_pages_of_the_blocks_it_names_and_gives_them_back
         assert allocator.num_free_blocks() == free and allocator.stats().mapped_pages <= 1 + spares
 
         # 12M holds 3 KV pages: the null block's page and two more; a fourth is a clear error
-        with pytest.raises(RuntimeError, match="could not map the 1 KV pages vLLM's warmup writes"):
+        with pytest.raises(RuntimeError, match="could not map the 1 KV pages that the engine writes"):
             worker.wrap_warmup_kernels(steps(new(bpp, 2 * bpp), decode(3 * bpp)))(None, execute, None)
         assert allocator.num_free_blocks() == free and allocator.stats().mapped_pages <= 1 + spares
     finally:

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vmkv.allocator import BlockAllocator, KVSpace, PagePool
 from vmkv.allocator.reclaim import ColdCache, ColdTier, Reclaimer
+from vmkv.allocator.tensors import torch_device
 from vmkv.background import BackgroundChore
 from vmkv.coordinator import Instance, join, open_segment, parse_size
 from vmkv.coordinator.group import GroupLease
@@ -161,6 +162,12 @@ class KVStack:
         self._prefetcher = BackgroundChore("vmkv-prefetch", self._reserve_prefetched)
         self._prefetch_pages = 0
 
+    @classmethod
+    def over_ranks(cls, ranks: RankGroup, settings: StackSettings) -> KVStack:
+        """The scheduler's stack over the tensor-parallel ranks that hold its KV cache."""
+        device = torch_device(DEVICE_OF_BACKEND[ranks.kind], ranks.device)
+        return cls(device, ranks.layout.block_bytes, ranks.infos[0].num_blocks, settings, ranks=ranks)
+
     def grantable_blocks(self) -> int:
         """Blocks this instance could map now without waiting for anyone: its pooled
         pages plus the free budget the coordinator would grant; none while it owes.
@@ -186,12 +193,59 @@ class KVStack:
         from its own queue, and the instance that asked waits until the queue drains."""
         return self.pool.debt > 0
 
+    def debt_kv_pages(self) -> int:
+        """The KV pages whose return would pay what this instance owes."""
+        return -(-self.pool.debt // self.space.physical_per_page)
+
     def overdue_kv_pages(self) -> int:
         """KV pages owed for longer than the debt grace period: the engine should preempt
         the running requests that keep them (see holders_to_preempt), then :meth:`pay`."""
-        if self.pool.debt_age() <= self.settings.debt_grace_s:
-            return 0
-        return -(-self.pool.debt // self.space.physical_per_page)
+        return self.debt_kv_pages() if self.pool.debt_age() > self.settings.debt_grace_s else 0
+
+    def report_reclaimable(self, free_blocks: int, pinned_pages: int = 0) -> None:
+        """For an engine that keeps its own free list (SGLang): on an idle turn, it could
+        give back at once the KV pages that ``free_blocks`` of free or evictable blocks
+        fill, but ``pinned_pages`` it must keep. Reclaim counts them as it counts vLLM's
+        cold cached blocks; without this, a neighbour over its fair share would never get
+        the pages an idle instance keeps cached. Report 0 once the engine allocates: a
+        busy instance pays only as its requests finish."""
+        kv_pages = min(free_blocks // self.allocator.blocks_per_page, self.space.mapped_pages - pinned_pages)
+        self.reclaimer.engine_reclaimable = max(0, kv_pages) * self.space.physical_per_page
+
+    def alloc_waiting(self, count: int, seconds: float) -> list[int] | None:
+        """``count`` blocks, asking again for up to ``seconds``; None after that. For the
+        budget an engine counted as free and another instance took first: reclaim from
+        others' cold blocks takes milliseconds, but a neighbour whose blocks are all in
+        use pays only as its requests finish, and the engine's thread waits here."""
+        deadline = time.monotonic() + seconds
+        while (blocks := self.allocator.alloc(count)) is None:
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.01)
+        return blocks
+
+    def map_blocks(self, blocks: Iterable[int]) -> list[int]:
+        """Map the unmapped pages of ``blocks``, which the engine writes without having
+        allocated them (vLLM 0.26's warmup). Returns the pages taken, for
+        :meth:`return_pages`; raises RuntimeError when the budget cannot hold them."""
+        allocator = self.allocator
+        pages = {block // allocator.blocks_per_page for block in blocks}
+        allocator.unmap_retired()  # a page on its way out still shows as mapped
+        missing = sorted(page for page in pages if not allocator.space.is_mapped(page))
+        if missing and not allocator.take_pages(missing):
+            raise RuntimeError(
+                f"vmkv could not map the {len(missing)} KV pages that the engine writes outside "
+                "its allocator: the coordinator's budget is full; give this instance a larger VMKV_MIN"
+            )
+        return missing
+
+    def return_pages(self, pages: Sequence[int]) -> None:
+        """Give the pages :meth:`map_blocks` took back to the device and the coordinator:
+        an idle instance holding them would keep a neighbour that starts later from
+        growing."""
+        if pages:
+            self.allocator.free_pages(pages)
+            self.give_back()
 
     def give_back(self) -> None:
         """Return every empty page's memory to the device and the coordinator now (after

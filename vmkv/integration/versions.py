@@ -1,13 +1,24 @@
-"""The one place that says whether vmkv is on and which engine versions it supports.
+"""The one place that says whether vmkv is on, which engine versions it supports, and
+how an engine layer's hooks go in.
 
-An engine layer asks ``require(engine)`` before touching anything: an unsupported
-version is refused with a clear message, never half-patched.
+An engine layer asks ``require(engine)`` before touching anything, then ``install``s
+its hooks: an unsupported version, or one that lacks a hook point, is refused with a
+clear message, never half-patched.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+log = logging.getLogger("vmkv")
+
+# (owner, attribute, original -> replacement): one name an engine layer replaces,
+# looked up by attribute, never by reading source.
+Hook = tuple[Any, str, Callable[[Any], Any]]
 
 # engine -> supported release lines: "major.minor" takes every patch release of it,
 # "major.minor.patch" that release alone (SGLang moves its internals between patches).
@@ -68,3 +79,14 @@ def require(engine: str, version: str) -> str:
             f"this is {engine} {version}. Unset VMKV to run {engine} without vmkv."
         )
     return line
+
+
+def install(engine: str, version: str, line: str, hooks: Sequence[Hook]) -> None:
+    """Replace every hook's name, once all of them are known to exist; RuntimeError
+    naming those that do not, with nothing changed."""
+    missing = [f"{getattr(o, '__name__', o)}.{name}" for o, name, _ in hooks if not hasattr(o, name)]
+    if missing:
+        raise RuntimeError(f"{engine} {version} lacks vmkv's hook points {missing}; nothing was changed")
+    for owner, name, replace in hooks:
+        setattr(owner, name, replace(getattr(owner, name)))
+    log.info("vmkv %s hooks installed (%s %s, pid %d)", line, engine, version, os.getpid())

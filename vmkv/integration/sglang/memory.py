@@ -198,7 +198,7 @@ class ElasticIds:
             return
         if self._owed:
             self.settle(None)
-        self._stack.reclaimer.engine_reclaimable = 0  # busy: nothing could go back at once
+        self._stack.report_reclaimable(0)  # busy: nothing could go back at once
         short = ids - super().available_size() // self.page_size
         if short > 0 and (fresh := self._ids.grow(short)) is not None:
             self.free_pages = torch.cat((self.free_pages, fresh))
@@ -211,17 +211,12 @@ class ElasticIds:
 
     def report_idle(self, tree_cache: Any) -> None:
         """On an idle turn: tell reclaim what this instance could give back at once, the
-        KV pages its free ids and its evictable radix entries fill (but page 0, which
-        holds the padding id), as vLLM's cold cached blocks are counted. Without this a
-        neighbour over its fair share never gets the pages an idle SGLang keeps cached.
-        Set to nothing again by the next allocation: a busy instance pays only as its
-        requests finish."""
+        KV pages its free ids and its evictable radix entries fill, but page 0, which
+        holds the padding id (KVStack.report_reclaimable)."""
         if self._ids is None:
             return
         tokens = super().available_size() + (tree_cache.evictable_size() if tree_cache is not None else 0)
-        space = self._stack.space
-        kv_pages = min(tokens // (self._ids.ids_per_page * self.page_size), space.mapped_pages - 1)
-        self._stack.reclaimer.engine_reclaimable = max(0, kv_pages) * space.physical_per_page
+        self._stack.report_reclaimable(tokens // self.page_size, pinned_pages=1)
 
     def _note_debt(self) -> None:  # the coordinator's thread
         self._owed = True
@@ -240,20 +235,20 @@ class ElasticIds:
         free = super().available_size()
         if not self._owed and free == self._free_seen:
             return
-        pool, space = self._stack.pool, self._stack.space
+        stack = self._stack
         self._shrink()
         if self._owed:
-            debt = pool.stats().debt
-            if debt and tree_cache is not None and tree_cache.evictable_size() > 0:
+            owed_pages = stack.debt_kv_pages()
+            if owed_pages and tree_cache is not None and tree_cache.evictable_size() > 0:
                 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
-                tokens = -(-debt // space.physical_per_page) * self._ids.ids_per_page * self.page_size
+                tokens = owed_pages * self._ids.ids_per_page * self.page_size
                 if self.radix_spill is not None:
                     self.radix_spill.spill_coldest(tree_cache, tokens)
                 tree_cache.evict(EvictParams(num_tokens=tokens))
                 self._shrink()
-            self._stack.allocator.trim(-(-pool.stats().debt // space.physical_per_page))
-            self._owed = pool.stats().debt > 0 and tree_cache is None
+            stack.allocator.trim(stack.debt_kv_pages())
+            self._owed = stack.owes() and tree_cache is None
         self._free_seen = super().available_size()
 
 

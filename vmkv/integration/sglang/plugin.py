@@ -19,20 +19,14 @@ run on vmkv never runs without it.
 
 from __future__ import annotations
 
-import logging
-import os
-from collections.abc import Callable
 from types import ModuleType
-from typing import Any
 
-from vmkv.integration.versions import UnsupportedVersion, enabled, require
-
-log = logging.getLogger("vmkv")
+from vmkv.integration.versions import Hook, UnsupportedVersion, enabled, install, require
 
 _installed = False
 
 
-def _hooks(line: str) -> list[tuple[Any, str, Callable[[Any], Any]]]:
+def _hooks(line: str) -> list[Hook]:
     """(owner, attribute, original -> replacement) for a supported release."""
     from sglang.srt.managers import scheduler
     from sglang.srt.mem_cache import memory_pool, radix_cache
@@ -68,23 +62,16 @@ def allocator_builder(line: str) -> ModuleType:
     return model_runner_kv_cache_mixin
 
 
-def install() -> str:
+def install_hooks() -> str:
     """Install the hooks for the installed SGLang; returns its supported line. Raises
     UnsupportedVersion, or RuntimeError naming missing hook points, with nothing changed."""
     global _installed
     import sglang
 
     line = require("sglang", sglang.__version__)
-    if _installed:
-        return line
-    hooks = _hooks(line)
-    missing = [f"{getattr(o, '__name__', o)}.{name}" for o, name, _ in hooks if not hasattr(o, name)]
-    if missing:
-        raise RuntimeError(f"SGLang {sglang.__version__} lacks vmkv's hooks {missing}; nothing was changed")
-    for owner, name, replace in hooks:
-        setattr(owner, name, replace(getattr(owner, name)))
-    _installed = True
-    log.info("vmkv %s hooks installed (SGLang %s, pid %d)", line, sglang.__version__, os.getpid())
+    if not _installed:
+        install("SGLang", sglang.__version__, line, _hooks(line))
+        _installed = True
     return line
 
 
@@ -92,6 +79,6 @@ def register() -> None:
     if not enabled():
         return
     try:
-        install()
+        install_hooks()
     except (UnsupportedVersion, RuntimeError) as error:
         raise SystemExit(f"vmkv: {error}") from error

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -56,10 +55,8 @@ from vmkv.allocator.reclaim import holders_to_preempt
 from vmkv.integration.vllm.worker import check_blocks_outermost, scheduler_kv
 
 # How long get_new_blocks keeps asking the coordinator after a race lost the budget it
-# had counted as free: reclaim from others' cold blocks takes milliseconds, but a
-# neighbour whose blocks are all in use pays only as its requests finish. Past this the
-# allocation is a miss that vLLM handles as its own (KVBlocksUnavailable), and the
-# engine's thread, which waits here, goes on.
+# had counted as free (KVStack.alloc_waiting). Past this the allocation is a miss that
+# vLLM handles as its own (KVBlocksUnavailable).
 GROW_RETRY_S = 0.2
 
 
@@ -195,16 +192,14 @@ class VmkvBlockPool(BlockPool):
         as free went to another instance meanwhile. After GROW_RETRY_S the blocks taken
         so far go back, the free count is read afresh (the budget is gone), and the
         allocation is a miss."""
-        deadline = time.monotonic() + GROW_RETRY_S
-        while (more := self._allocator.alloc(missing)) is None:
-            if time.monotonic() > deadline:
-                with self._lock:
-                    self._allocator.free(fresh)
-                    self.free_block_queue.append_n(cached)
-                    self._grantable_changes = -1
-                    self.grow_misses += 1
-                raise KVBlocksUnavailable(f"vmkv could not have {missing} more KV blocks in {GROW_RETRY_S} s")
-            time.sleep(0.01)
+        more = self._stack.alloc_waiting(missing, GROW_RETRY_S)
+        if more is None:
+            with self._lock:
+                self._allocator.free(fresh)
+                self.free_block_queue.append_n(cached)
+                self._grantable_changes = -1
+                self.grow_misses += 1
+            raise KVBlocksUnavailable(f"vmkv could not have {missing} more KV blocks in {GROW_RETRY_S} s")
         return more
 
     def _hand_out(self, fresh: list[int], cached: list[KVCacheBlock]) -> list[KVCacheBlock]:

@@ -29,19 +29,12 @@ refused whole instead of running half-patched.
 
 from __future__ import annotations
 
-import logging
-import os
-from collections.abc import Callable
-from typing import Any
-
-from vmkv.integration.versions import enabled, require
-
-log = logging.getLogger("vmkv")
+from vmkv.integration.versions import Hook, enabled, install, require
 
 _installed = False
 
 
-def _hooks(line: str) -> list[tuple[Any, str, Callable[[Any], Any]]]:
+def _hooks(line: str) -> list[Hook]:
     """(owner, attribute, original -> replacement) for a supported release line."""
     from vllm.platforms import current_platform
     from vllm.v1.core import kv_cache_coordinator
@@ -89,13 +82,5 @@ def register() -> None:
     import vllm
 
     line = require("vllm", vllm.__version__)
-    hooks = _hooks(line)
-    missing = [
-        f"{getattr(owner, '__name__', owner)}.{name}" for owner, name, _ in hooks if not hasattr(owner, name)
-    ]
-    if missing:
-        raise RuntimeError(f"vLLM {vllm.__version__} lacks vmkv's hook points {missing}; nothing was changed")
-    for owner, name, replace in hooks:
-        setattr(owner, name, replace(getattr(owner, name)))
+    install("vLLM", vllm.__version__, line, _hooks(line))
     _installed = True
-    log.info("vmkv %s hooks installed (vLLM %s, pid %d)", line, vllm.__version__, os.getpid())

@@ -35,7 +35,7 @@ from vmkv.allocator.kv_space import blocks_are_outermost
 from vmkv.allocator.tensors import tensor_at, torch_device
 from vmkv.integration.versions import UnsupportedParallelism, release_line, tensor_parallel_lines
 from vmkv.ranks import RankGroup, RankServer
-from vmkv.stack import DEVICE_OF_BACKEND, KVStack, StackSettings, capacity_bytes, open_backend
+from vmkv.stack import KVStack, StackSettings, capacity_bytes, open_backend
 
 log = logging.getLogger("vmkv")
 
@@ -82,10 +82,7 @@ def scheduler_kv() -> WorkerKV:
     the pool then maps, unmaps, spills and reloads pages on every rank."""
     global _worker
     if _worker is None and (ranks := RankGroup.connect()) is not None:
-        device = torch_device(DEVICE_OF_BACKEND[ranks.kind], ranks.device)
-        layout = ranks.layout
-        stack = KVStack(device, layout.block_bytes, ranks.infos[0].num_blocks, _settings(), ranks=ranks)
-        _worker = WorkerKV(stack, [], "auto")
+        _worker = WorkerKV(KVStack.over_ranks(ranks, _settings()), [], "auto")
         log.info("vmkv drives %d tensor-parallel ranks", len(ranks.infos))
     return current_worker()
 
@@ -213,9 +210,8 @@ def wrap_warmup_kernels(original: Callable[..., None]) -> Callable[..., None]:
     """vLLM 0.26's V2 ``warmup_kernels`` runs a made-up prefill and decode with blocks
     1, 2, ... that no scheduler handed out, and writes their KV. On vmkv a block's page
     is mapped only once the allocator hands it out, so each made-up step first takes the
-    pages it names, and the warmup gives them all back at its end, to the coordinator
-    too: the warmup's pages are no working set, and an idle instance holding them would
-    keep a neighbour that starts later from growing."""
+    pages it names (KVStack.map_blocks), and the warmup gives them all back at its end,
+    to the coordinator too: they are no working set."""
 
     @functools.wraps(original)
     def warmup_kernels(
@@ -223,27 +219,17 @@ def wrap_warmup_kernels(original: Callable[..., None]) -> Callable[..., None]:
     ) -> None:
         if _worker is None:
             return original(model_runner, execute_model, *args, **kwargs)
-        allocator = _worker.stack.allocator
+        stack = _worker.stack
         taken: list[int] = []
 
         def execute_with_pages(scheduler_output: Any) -> Any:
-            pages = {block // allocator.blocks_per_page for block in _named_blocks(scheduler_output)}
-            allocator.unmap_retired()  # a page on its way out still shows as mapped
-            missing = sorted(p for p in pages if not allocator.space.is_mapped(p))
-            if missing and not allocator.take_pages(missing):
-                raise RuntimeError(
-                    f"vmkv could not map the {len(missing)} KV pages vLLM's warmup writes: "
-                    "the coordinator's budget is full; give this instance a larger VMKV_MIN"
-                )
-            taken.extend(missing)
+            taken.extend(stack.map_blocks(_named_blocks(scheduler_output)))
             return execute_model(scheduler_output)
 
         try:
             return original(model_runner, execute_with_pages, *args, **kwargs)
         finally:
-            if taken:
-                allocator.free_pages(taken)
-                _worker.stack.give_back()
+            stack.return_pages(taken)
 
     return warmup_kernels
 
