@@ -10,7 +10,7 @@
 // 40 GiB held by another tenant, and while a stream keeps the device busy.
 //
 // Build and run (scripts/gpu_check.sh does both):
-//   g++ -O2 -std=c++17 -I/usr/local/cuda/include benchmarks/cuda_vmm_probe.cpp \
+//   g++ -O2 -std=c++17 -I/usr/local/cuda/include benchmarks/cuda_vmm_probe.cpp
 //       -L/usr/local/cuda/lib64/stubs -lcuda -lpthread -o /tmp/cuda_vmm_probe
 //   /tmp/cuda_vmm_probe [pages=64] [repeats=15]
 // Prints one line per variant (medians, us per page) and a JSON line last.
@@ -51,20 +51,30 @@ struct Variant {
   bool access_per_page;
 };
 
+static CUmemAllocationProp device_prop() {
+  CUmemAllocationProp prop{};
+  prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+  prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+  prop.location.id = 0;
+  return prop;
+}
+
+static CUmemAccessDesc read_write(const CUmemAllocationProp& prop) {
+  CUmemAccessDesc access{};
+  access.location = prop.location;
+  access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  return access;
+}
+
 static double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
 }
 
 static void run(const Variant& v, int pages, int repeats) {
-  CUmemAllocationProp prop{};
-  prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
-  prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-  prop.location.id = 0;
+  CUmemAllocationProp prop = device_prop();
   prop.requestedHandleTypes = v.handle_type;
-  CUmemAccessDesc access{};
-  access.location = prop.location;
-  access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  CUmemAccessDesc access = read_write(prop);
   std::vector<CUmemGenericAllocationHandle> handles(pages);
   for (auto& h : handles) CK(cuMemCreate(&h, g_page, &prop, 0));
   CUdeviceptr base;
@@ -120,12 +130,8 @@ static void run(const Variant& v, int pages, int repeats) {
 
 // Does access survive an unmap and re-map of the same handle at the same address?
 static void probe_access_after_remap() {
-  CUmemAllocationProp prop{};
-  prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
-  prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-  CUmemAccessDesc access{};
-  access.location = prop.location;
-  access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  CUmemAllocationProp prop = device_prop();
+  CUmemAccessDesc access = read_write(prop);
   CUmemGenericAllocationHandle h;
   CK(cuMemCreate(&h, g_page, &prop, 0));
   CUdeviceptr base;
@@ -163,12 +169,8 @@ static void probe_access_after_remap() {
 // kvcached's path: a cuMemCreate, cuMemMap and cuMemSetAccess per page, and a cuMemUnmap
 // and cuMemRelease per page to give it back.
 static void run_naive(const char* state, int pages, int repeats) {
-  CUmemAllocationProp prop{};
-  prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
-  prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-  CUmemAccessDesc access{};
-  access.location = prop.location;
-  access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  CUmemAllocationProp prop = device_prop();
+  CUmemAccessDesc access = read_write(prop);
   CUdeviceptr base;
   CK(cuMemAddressReserve(&base, g_page * pages, 0, 0, 0));
   std::vector<CUmemGenericAllocationHandle> handles(pages);
@@ -207,12 +209,8 @@ struct Tenant {
 };
 
 static Tenant hold(size_t count) {
-  CUmemAllocationProp prop{};
-  prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
-  prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-  CUmemAccessDesc access{};
-  access.location = prop.location;
-  access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  CUmemAllocationProp prop = device_prop();
+  CUmemAccessDesc access = read_write(prop);
   Tenant tenant;
   tenant.size = count * g_page;
   tenant.handles.resize(count);
@@ -239,9 +237,7 @@ int main(int argc, char** argv) {
   CK(cuDeviceGet(&dev, 0));
   CK(cuDevicePrimaryCtxRetain(&g_ctx, dev));
   CK(cuCtxSetCurrent(g_ctx));
-  CUmemAllocationProp prop{};
-  prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
-  prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+  CUmemAllocationProp prop = device_prop();
   CK(cuMemGetAllocationGranularity(&g_page, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM));
   int driver = 0;
   cuDriverGetVersion(&driver);
