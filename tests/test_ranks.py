@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from array import array
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,8 @@ import torch
 from vmkv.coordinator import Segment
 from vmkv.coordinator.segment import SHM_DIR, remove_segment
 from vmkv.ranks import ChannelError, RankGroup
-from vmkv.ranks.channel import Channel, Op, Status, channel_name, error_text
+from vmkv.ranks.channel import Channel, Op, RankInfo, Status, channel_name, error_text, unlink
+from vmkv.ranks.spill import RankSpill
 from vmkv.spill import Namespace
 from vmkv.stack import KVStack, StackSettings
 from vmkv.vmm_ops import OutOfDeviceMemory
@@ -62,6 +64,31 @@ def ranks(capacities: list[int], backend: str = "host") -> Iterator[tuple[RankGr
     finally:
         for rank in started:
             rank.stop()
+
+
+@contextlib.contextmanager
+def scripted_rank(answers: list[tuple[int, list[int]]]) -> Iterator[Channel]:
+    """Rank 0 of 1, played by a thread of this process: it answers each command with the
+    next (status, payload) of ``answers``, whatever was asked (a rank gone wrong)."""
+    info = RankInfo(0, 1, os.getpid(), "host", 0, 2 << 20, 1 << 30, 1 << 30, 64, tuple(BLOCK_BYTES))
+    channel = Channel.create(info, os.getpid())
+
+    def serve() -> None:
+        for status, payload in answers:
+            if channel.wait_command(10) is None:
+                return
+            channel.data[: len(payload)] = memoryview(array("q", payload))
+            channel.header[1], channel.header[2] = status, len(payload)  # any status, valid or not
+            channel._answer.release()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield channel
+    finally:
+        thread.join(timeout=10)
+        channel.close()
+        unlink(channel.name)
 
 
 @contextlib.contextmanager
@@ -185,6 +212,43 @@ def test_each_rank_spills_and_reloads_its_own_shard_of_a_block(monkeypatch, tmp_
         status, payload = channel.receive(5)
         assert status == Status.ERROR and "does not add up" in error_text(payload)
         assert spill.lookup([b"hash-a"]) == 1
+
+
+def test_answers_a_command_cannot_have_are_refused_and_a_garbled_one_stops_the_group():
+    answers = [
+        (Status.MISSING, []),  # to a map: a status only a retrieve may have
+        (Status.OK, []),  # opens the spill tier
+        (Status.OK, [5]),  # holds 5 of the 1 key it was asked about
+        (Status.OK, [1, 2]),  # stats of 2 words, not 3
+        (99, []),  # no status at all
+    ]
+    with scripted_rank(answers):
+        group = RankGroup.connect()
+        assert group is not None
+        with pytest.raises(RuntimeError, match="rank 0 answered MISSING, which this command cannot have"):
+            group.map([(group.reserve(group.layout.nbytes), 1)])
+        spill = RankSpill(group, Namespace("scripted", "auto", 16))
+        with pytest.raises(ChannelError, match=r"hold \[5\] of 1 keys"):
+            spill.lookup([b"key"])
+        with pytest.raises(ChannelError, match="answered 2 words where 3 belong"):
+            group.rank_stats()
+        with pytest.raises(ChannelError, match="answered status 99"):
+            group.rank_stats()
+        with pytest.raises(ChannelError, match="out of step"):  # its answers can no longer be trusted
+            group.rank_stats()
+        group.close()
+
+
+def test_a_rank_channel_that_is_there_but_unusable_is_named_not_taken_for_no_ranks():
+    info = RankInfo(0, 1, os.getpid(), "host", 0, 2 << 20, 1 << 30, 1 << 30, 64, tuple(BLOCK_BYTES))
+    channel = Channel.create(info, os.getpid())
+    try:
+        channel.info_words[0] = 0  # never finished, or not vmkv's
+        with pytest.raises(ChannelError, match="not a vmkv channel"):
+            RankGroup.connect()
+    finally:
+        channel.close()
+        unlink(channel.name)
 
 
 def test_the_scheduler_finds_no_ranks_where_none_were_started():

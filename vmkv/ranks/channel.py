@@ -31,7 +31,7 @@ from vmkv.vmm_ops import BACKENDS
 MAGIC = 0x766D6B7674703031  # "vmkvtp01"
 MAX_BUFFERS = 4096
 INFO_WORDS = 16 + MAX_BUFFERS
-HEADER_WORDS = 4  # op or sequence, argument or status, payload words, spare
+HEADER_WORDS = 4  # op, argument (the answer's status), payload words, unused
 DATA_WORDS = 1 << 20  # payload capacity: 8 MiB, half a million map pairs
 WORD = 8
 CHANNEL_BYTES = (INFO_WORDS + HEADER_WORDS + DATA_WORDS) * WORD
@@ -39,6 +39,10 @@ CHANNEL_BYTES = (INFO_WORDS + HEADER_WORDS + DATA_WORDS) * WORD
 
 class ChannelError(RuntimeError):
     """A channel that is missing, foreign, malformed, or whose other side stopped."""
+
+
+class NoChannel(ChannelError):
+    """No channel exists under the name: the engine runs no vmkv ranks."""
 
 
 class Op(enum.IntEnum):
@@ -162,12 +166,18 @@ class Channel:
             memory = posix_ipc.SharedMemory(name)
             ask, answer = posix_ipc.Semaphore(name + "-q"), posix_ipc.Semaphore(name + "-a")
         except (posix_ipc.ExistentialError, FileNotFoundError) as error:
-            raise ChannelError(f"no channel from rank {rank} of the process {owner_pid}: {error}") from None
+            raise NoChannel(f"no channel from rank {rank} of the process {owner_pid}: {error}") from None
         if memory.size != CHANNEL_BYTES:
             memory.close_fd()
+            ask.close()
+            answer.close()
             raise ChannelError(f"{name} is {memory.size} bytes, not a vmkv channel of {CHANNEL_BYTES}")
         channel = cls(name, memory, ask, answer)
-        return channel, RankInfo.parse(channel.info_words, rank)
+        try:
+            return channel, RankInfo.parse(channel.info_words, rank)
+        except ChannelError:
+            channel.close()
+            raise
 
     # -- the scheduler's side --------------------------------------------------------
 

@@ -20,12 +20,22 @@ import itertools
 import os
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from vmkv.allocator.kv_space import KVLayout
 from vmkv.coordinator import Instance, join
 from vmkv.coordinator.group import GroupLease
-from vmkv.ranks.channel import Channel, ChannelError, Op, RankInfo, Status, error_text, unlink
+from vmkv.ranks.channel import (
+    DATA_WORDS,
+    Channel,
+    ChannelError,
+    NoChannel,
+    Op,
+    RankInfo,
+    Status,
+    error_text,
+    unlink,
+)
 from vmkv.vmm_ops import OutOfDeviceMemory
 
 BASE = 1 << 40  # the group's addresses: BASE + an offset into every rank's reservation
@@ -58,11 +68,12 @@ class RankGroup:
     @classmethod
     def connect(cls, owner_pid: int | None = None) -> RankGroup | None:
         """The ranks that this process (``owner_pid``) spawned, or None when rank 0 has no
-        channel under it (the engine runs no vmkv ranks)."""
+        channel under it (the engine runs no vmkv ranks). ChannelError when a channel is
+        there but unusable."""
         owner = os.getpid() if owner_pid is None else owner_pid
         try:
             first, info = Channel.open(owner, 0)
-        except ChannelError:
+        except NoChannel:
             return None
         channels, infos = [first], [info]
         try:
@@ -71,6 +82,10 @@ class RankGroup:
                 channels.append(channel)
                 infos.append(rank_info)
             return cls(channels, infos)
+        except BaseException:
+            for channel in channels:
+                channel.close()
+            raise
         finally:
             for channel in channels:
                 unlink(channel.name)
@@ -97,7 +112,7 @@ class RankGroup:
             return ids
         self.broadcast(Op.RELEASE, 0, ids, ranks=created)
         full = [rank for rank, (status, _) in enumerate(answers) if status == Status.OUT_OF_MEMORY]
-        raise_errors(answers)
+        raise_errors(answers, expected=(Status.OK, Status.OUT_OF_MEMORY))
         raise OutOfDeviceMemory(f"no memory for {count} KV pages on rank {full[0]}'s device")
 
     def release_pages(self, pages: Sequence[int]) -> None:
@@ -110,7 +125,7 @@ class RankGroup:
         if len(mapped) < len(answers):
             if mapped:  # all or nothing, as on one device
                 self.broadcast(Op.UNMAP, 0, words[::2], ranks=mapped)
-            raise_errors(answers)
+            raise_errors(answers)  # raises: some rank's status is not OK
 
     def unmap(self, addresses: Sequence[int]) -> list[int]:
         offsets = [self._offset(address) for address in addresses]
@@ -124,8 +139,7 @@ class RankGroup:
         """Whether any rank has a page at each address (one that is mapped anywhere may
         not be mapped again)."""
         answers = self.broadcast(Op.MAPPED, 0, [self._offset(address) for address in addresses])
-        raise_errors(answers)
-        return [any(flags) for flags in zip(*(payload for _, payload in answers), strict=True)]
+        return [any(flags) for flags in zip(*replies(answers, len(addresses)), strict=True)]
 
     # -- the engine's side -------------------------------------------------------------
 
@@ -135,9 +149,9 @@ class RankGroup:
 
     def rank_stats(self) -> list[dict[str, int]]:
         """Per rank: KV pages' physical pages mapped, pages held, steps run."""
+        fields = ("mapped", "held", "steps")
         answers = self.broadcast(Op.STATS, 0, [])
-        raise_errors(answers)
-        return [dict(zip(("mapped", "held", "steps"), payload, strict=True)) for _, payload in answers]
+        return [dict(zip(fields, words, strict=True)) for words in replies(answers, len(fields))]
 
     def join(
         self, name: str, engine: str, model: str, min_bytes: int, max_bytes: int | None, weight: int
@@ -176,14 +190,22 @@ class RankGroup:
     def broadcast(
         self, op: Op, argument: int, payload: list[int], ranks: Sequence[int] | None = None
     ) -> list[tuple[Status, list[int]]]:
-        """Send one command to ``ranks`` (all by default) and wait for all answers."""
+        """Send one command to ``ranks`` (all by default) and wait for all answers. A
+        failure in between leaves some ranks' answers unread, so the channels are out of
+        step and the group refuses every later command."""
+        if len(payload) > DATA_WORDS:
+            raise ValueError(f"a {op.name} of {len(payload)} words exceeds the channels' {DATA_WORDS}")
         targets = range(len(self.channels)) if ranks is None else ranks
         with self._lock:
             if self._broken is not None:
                 raise ChannelError(self._broken)
-            for rank in targets:
-                self.channels[rank].send(op, argument, payload)
-            return [self._answer(rank) for rank in targets]
+            try:
+                for rank in targets:
+                    self.channels[rank].send(op, argument, payload)
+                return [self._answer(rank) for rank in targets]
+            except BaseException as error:
+                self._broken = self._broken or f"vmkv's rank channels are out of step after {error!r}"
+                raise
 
     def _answer(self, rank: int) -> tuple[Status, list[int]]:
         channel, pid = self.channels[rank], self.infos[rank].pid
@@ -196,7 +218,23 @@ class RankGroup:
         return answer
 
 
-def raise_errors(answers: list[tuple[Status, list[int]]]) -> None:
+def raise_errors(
+    answers: list[tuple[Status, list[int]]], expected: Collection[Status] = (Status.OK,)
+) -> None:
+    """RuntimeError for the first rank that answered an error, else for the first whose
+    status the command cannot have."""
     for rank, (status, payload) in enumerate(answers):
         if status == Status.ERROR:
             raise RuntimeError(f"vmkv rank {rank}: {error_text(payload)}")
+    for rank, (status, _) in enumerate(answers):
+        if status not in expected:
+            raise RuntimeError(f"vmkv rank {rank} answered {status.name}, which this command cannot have")
+
+
+def replies(answers: list[tuple[Status, list[int]]], words: int) -> list[list[int]]:
+    """Every rank's payload of an answered query, each exactly ``words`` long."""
+    raise_errors(answers)
+    for rank, (_, payload) in enumerate(answers):
+        if len(payload) != words:
+            raise ChannelError(f"vmkv rank {rank} answered {len(payload)} words where {words} belong")
+    return [payload for _, payload in answers]

@@ -16,8 +16,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from vmkv.ranks.channel import Op, Status, pack_bytes, pack_keys
-from vmkv.ranks.group import RankGroup, raise_errors
+from vmkv.ranks.channel import ChannelError, Op, Status, pack_bytes, pack_keys
+from vmkv.ranks.group import RankGroup, raise_errors, replies
 from vmkv.spill.keys import Namespace
 
 
@@ -46,23 +46,23 @@ class RankSpill:
 
     def lookup(self, keys: Sequence[bytes]) -> int:
         answers = self.ranks.broadcast(Op.LOOKUP, 0, pack_keys([bytes(key) for key in keys], []))
-        raise_errors(answers)
-        return min(payload[0] for _, payload in answers)
+        held = [words[0] for words in replies(answers, 1)]
+        if not all(0 <= count <= len(keys) for count in held):
+            raise ChannelError(f"the ranks say they hold {held} of {len(keys)} keys")
+        return min(held)
 
     def retrieve(self, keys: Sequence[bytes], into_blocks: Sequence[int]) -> Copied:
         payload = pack_keys([bytes(key) for key in keys], list(into_blocks))
         answers = self.ranks.broadcast(Op.RETRIEVE, self.ranks.steps_scheduled, payload)
-        raise_errors(answers)
+        raise_errors(answers, expected=(Status.OK, Status.MISSING))
         if any(status == Status.MISSING for status, _ in answers):
             raise KeyError(f"a rank's spill tier no longer holds one of {len(keys)} blocks")
         return Copied()
 
     def stats(self) -> dict[str, int]:
         """Rank 0's tier (every rank's holds the same blocks but for races lost)."""
-        answers = self.ranks.broadcast(Op.SPILL_STATS, 0, [])
-        raise_errors(answers)
         names = ("valid", "stored_blocks", "retrieved_blocks", "slot_count")
-        return dict(zip(names, answers[0][1], strict=True))
+        return dict(zip(names, replies(self.ranks.broadcast(Op.SPILL_STATS, 0, []), 4)[0], strict=True))
 
     def close(self) -> None:
         """The ranks close their tiers with the rest of their memory."""
