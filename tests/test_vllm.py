@@ -112,6 +112,31 @@ def test_unsupported_version_is_refused_before_any_change(monkeypatch):
     assert kv_cache_coordinator.BlockPool is BlockPool
 
 
+def test_hooks_go_in_all_at_once_or_not_at_all():
+    """A hook point that is missing, or a replacement that fails to build, leaves every
+    name as it was: an engine never runs half-patched."""
+    from types import SimpleNamespace
+
+    from vmkv.integration.versions import install
+
+    target = SimpleNamespace(a=1, b=2)
+
+    def needs_a_lost_name(original):
+        raise ImportError("a name this wrapper needs is gone")
+
+    with pytest.raises(ImportError):
+        install(
+            "Engine", "1.0", "1.0", [(target, "a", lambda old: old + 10), (target, "b", needs_a_lost_name)]
+        )
+    with pytest.raises(
+        RuntimeError, match=r"Engine 1\.0 lacks vmkv's hook points .*\.c'\]; nothing was changed"
+    ):
+        install("Engine", "1.0", "1.0", [(target, "a", lambda old: old + 10), (target, "c", lambda old: old)])
+    assert (target.a, target.b) == (1, 2)
+    install("Engine", "1.0", "1.0", [(target, "a", lambda old: old + 10), (target, "b", lambda old: -old)])
+    assert (target.a, target.b) == (11, -2)
+
+
 def test_the_v2_warmup_gets_the_pages_of_the_blocks_it_names_and_gives_them_back(monkeypatch, segment):
     """vLLM 0.26's V2 warmup (GPU only) hands the model runner made-up requests on blocks
     1, 2, ... that no scheduler allocated; here a stand-in warmup does the same with

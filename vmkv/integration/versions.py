@@ -82,11 +82,13 @@ def require(engine: str, version: str) -> str:
 
 
 def install(engine: str, version: str, line: str, hooks: Sequence[Hook]) -> None:
-    """Replace every hook's name, once all of them are known to exist; RuntimeError
-    naming those that do not, with nothing changed."""
+    """Replace every hook's name, once all of them are known to exist and every
+    replacement is built; RuntimeError naming those that do not exist, and any error of
+    a replacement's making, leave nothing changed."""
     missing = [f"{getattr(o, '__name__', o)}.{name}" for o, name, _ in hooks if not hasattr(o, name)]
     if missing:
         raise RuntimeError(f"{engine} {version} lacks vmkv's hook points {missing}; nothing was changed")
-    for owner, name, replace in hooks:
-        setattr(owner, name, replace(getattr(owner, name)))
+    replacements = [(owner, name, replace(getattr(owner, name))) for owner, name, replace in hooks]
+    for owner, name, replacement in replacements:  # only once every replacement is built
+        setattr(owner, name, replacement)
     log.info("vmkv %s hooks installed (%s %s, pid %d)", line, engine, version, os.getpid())
