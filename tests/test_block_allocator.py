@@ -366,3 +366,41 @@ def test_blocks_are_outermost_tells_page_mappable_layouts():
     assert blocks_are_outermost(raw.view(16, 4, 16, 16), 8)  # a kernel splitting blocks in two
     assert not blocks_are_outermost(raw.view(2, 8, 16, 4, 16), 8)  # K and V halves: (2, B, ...)
     assert not blocks_are_outermost(raw.view(8, 4, 16, 32)[:4], 4)  # a view of part of the buffer
+
+
+def test_a_block_named_twice_never_makes_a_page_look_emptiable():
+    _, _, allocator = make_allocator()
+    blocks = allocator.alloc(3)  # blocks 1, 2, 3 on page 0, with the null block
+    more = allocator.alloc(2)  # on page 1, with room for two more
+    assert blocks is not None and more is not None
+    page = more[0] // allocator.blocks_per_page
+    assert allocator.pages_only_holding([more[0], more[0]]) == {}  # the other block lives there
+    assert allocator.pages_only_holding([more[0], more[1], more[0]]) == {page: sorted(more)}
+
+
+def test_paged_ids_shrink_by_distinct_free_ids_and_refuse_what_is_not_an_id():
+    """An engine's free list (SGLang's) is its own; vmkv releases a page only when every
+    one of its ids is free, however often the list names one."""
+    from vmkv.allocator.paged_ids import PagedIds
+
+    _, space, allocator = make_allocator()
+    ids = PagedIds(allocator, "cpu")
+    fresh = ids.grow(2 * ids.ids_per_page)  # two KV pages of ids: 4..11
+    assert fresh is not None and fresh.tolist() == list(range(4, 12))
+    view = space.tensor(0, torch.uint8, (NUM_BLOCKS, BLOCK_BYTES))
+    handed_out = [5, 6, 7]  # page 1 is in use but for id 4, named four times
+    left = ids.shrink(torch.tensor([4, 4, 4, 4, 8, 9, 10, 11]))
+    assert left.tolist() == [4, 4, 4, 4] and space.mapped_pages == 2  # page 2 went, page 1 stays
+    for block in handed_out:
+        view[block].fill_(block)  # an unmapped page would kill the process here
+    assert all(int(view[block][0]) == block for block in handed_out)
+    for bad, message in (
+        (torch.tensor([4.0, 5.0]), "1-D integer tensor"),
+        (torch.tensor([[4, 5]]), "1-D integer tensor"),
+        (torch.tensor([4, -1]), r"from -1 to 4, outside 0\.\.39"),
+        (torch.tensor([4, NUM_BLOCKS]), r"from 4 to 40, outside 0\.\.39"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            ids.shrink(bad)
+    assert space.mapped_pages == 2
+    assert ids.shrink(torch.tensor([4, 5, 6, 7])).tolist() == [] and space.mapped_pages == 1

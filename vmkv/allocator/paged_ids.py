@@ -65,11 +65,22 @@ class PagedIds:
         return torch.cat([torch.arange(b.start, b.stop, dtype=torch.int64) for b in blocks]).to(self.device)
 
     def shrink(self, free_ids: torch.Tensor) -> torch.Tensor:
-        """Release the pages whose every id is in ``free_ids``; returns the free ids left."""
+        """Release the pages whose every id is in ``free_ids``; returns the free ids left.
+        An id listed twice counts once: a page some of whose ids are still handed out
+        never goes, whatever the list holds. ValueError for a list that is not ids."""
         import torch
 
+        if free_ids.dtype.is_floating_point or free_ids.dtype.is_complex or free_ids.dim() != 1:
+            raise ValueError(
+                f"free ids must be a 1-D integer tensor, not {free_ids.dtype} {tuple(free_ids.shape)}"
+            )
+        if free_ids.numel():
+            low, high = (int(bound) for bound in torch.aminmax(free_ids))
+            if low < 0 or high > self._total_ids:
+                raise ValueError(f"free ids run from {low} to {high}, outside 0..{self._total_ids}")
+        distinct = torch.unique(free_ids)
+        counts = torch.bincount(distinct // self.ids_per_page, minlength=self.num_pages)
         page_of = free_ids // self.ids_per_page
-        counts = torch.bincount(page_of, minlength=self.num_pages)
         whole = torch.nonzero(counts == self._page_sizes).flatten().tolist()
         if not whole:
             return free_ids

@@ -5,6 +5,7 @@
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 
 namespace vmkv::alloc {
 
@@ -265,8 +266,9 @@ std::vector<std::pair<int64_t, std::vector<int64_t>>> BlockBook::pages_only_hold
     const std::vector<int64_t>& blocks) const {
   std::unordered_map<int64_t, std::vector<int64_t>> by_page;
   std::vector<int64_t> order;  // pages in first-seen order, for a stable answer
+  std::unordered_set<int64_t> seen;  // a block named twice is still one block
   for (const int64_t block : blocks) {
-    if (block == kNullBlock || !is_allocated(block)) continue;
+    if (block == kNullBlock || !is_allocated(block) || !seen.insert(block).second) continue;
     auto& held = by_page[block / per_page_];
     if (held.empty()) order.push_back(block / per_page_);
     held.push_back(block);
