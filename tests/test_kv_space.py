@@ -105,6 +105,13 @@ def test_page_misuse(pool):
         space.unmap_pages([0, 0])
     with pytest.raises(ValueError, match="not mapped"):
         space.unmap_pages([1])
+    in_use = pool.stats().in_use
+    for bad in (1.0, 1.5, "1", True):
+        with pytest.raises(ValueError, match=f"KV page {bad!r} is not an integer page id"):
+            space.map_pages([bad])
+        with pytest.raises(ValueError, match=f"KV page {bad!r} is not an integer page id"):
+            space.unmap_pages([bad])
+    assert pool.stats().in_use == in_use and space.mapped_pages == 1  # nothing taken, nothing lost
     with pytest.raises(ValueError, match="positive"):
         KVSpace(pool, [0], 1)
     with pytest.raises(ValueError, match="num_blocks"):

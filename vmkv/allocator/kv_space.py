@@ -133,6 +133,8 @@ class KVSpace:
         if len(set(pages)) != len(pages):
             raise ValueError("a KV page is listed twice")
         for page in pages:
+            if not isinstance(page, int) or isinstance(page, bool):
+                raise ValueError(f"KV page {page!r} is not an integer page id")
             if not 0 <= page < self.num_pages:
                 raise ValueError(f"KV page {page} out of range [0, {self.num_pages})")
             if (page in self._mapped) != want_mapped:
