@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 
 def vmkv(*args: str) -> subprocess.CompletedProcess:
@@ -52,7 +54,28 @@ def test_demo_pages_grow_and_come_back():
 
 
 def test_listing_a_segment_that_does_not_exist_names_it():
-    result = vmkv("ls", "--json", "--segment", "/vmkv-nobody-opened-this")
-    assert result.returncode == 1
-    assert "no coordinator segment '/vmkv-nobody-opened-this'" in result.stderr
-    assert "Traceback" not in result.stderr
+    missing = f"/vmkv-{os.getuid()}-nobody-opened-this"
+    for verb in ("ls", "reset"):
+        result = vmkv(verb, "--segment", missing)
+        assert result.returncode == 1
+        assert f"no coordinator segment {missing!r}" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_the_cli_touches_no_shared_memory_outside_the_users_own_names():
+    """`vmkv reset --segment` on another program's shared memory, or a spill tier's
+    name, is refused by name and removes nothing."""
+    foreign = Path("/dev/shm") / f"not-vmkv-{os.getpid()}"
+    foreign.write_bytes(b"\0" * (1 << 20))
+    foreign.chmod(0o600)
+    try:
+        for name in (f"/{foreign.name}", f"/vmkv-{os.getuid()}-spill-x", f"/vmkv-{os.getuid()}-a/b"):
+            for verb in ("reset", "ls"):
+                result = vmkv(verb, "--segment", name)
+                assert (
+                    result.returncode == 1 and f"segment name {name!r} is not one of yours" in result.stderr
+                )
+                assert "Traceback" not in result.stderr
+        assert foreign.exists()
+    finally:
+        foreign.unlink()

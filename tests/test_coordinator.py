@@ -543,3 +543,30 @@ def test_metrics_are_served_over_http(segment):
         server.terminate()
         server.wait()
         instance.close()
+
+
+def test_a_budget_that_cannot_be_read_leaves_no_segment_behind(monkeypatch):
+    """The first instance creates the segment; a bad VMKV_BUDGET must not leave it half
+    made, or every later instance would wait for an initialization that never comes."""
+    name = f"/vmkv-{os.getuid()}-badbudget{os.getpid()}"
+    vmm = open_vmm("host", page_size=1 << 20, host_capacity=64 << 20)
+    for bad in ("4X", "-1G", "nan", "1K"):
+        monkeypatch.setenv("VMKV_BUDGET", bad)
+        with pytest.raises(ValueError):
+            join(vmm, "a", segment=name)
+        assert not (SHM_DIR / name.lstrip("/")).exists(), bad
+    monkeypatch.setenv("VMKV_BUDGET", "16M")
+    instance = join(vmm, "a", segment=name)
+    try:
+        assert instance.segment.table.header()["budget_pages"] == 16
+    finally:
+        instance.close()
+        remove_segment(name)
+
+
+def test_segment_names_outside_the_users_namespace_are_refused(monkeypatch):
+    vmm = open_vmm("host", page_size=1 << 20, host_capacity=64 << 20)
+    for name in ("noslash", "/a/b", f"/vmkv-{os.getuid() + 1}-x", f"/vmkv-{os.getuid()}-"):
+        monkeypatch.setenv("VMKV_SEGMENT", name)
+        with pytest.raises(ValueError, match=f"segment name {name!r} is not one of yours"):
+            join(vmm, "a")

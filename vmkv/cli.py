@@ -13,7 +13,7 @@ from typing import Any
 from vmkv.coordinator import UNLIMITED, Segment, SegmentError, parse_size, user_segments
 from vmkv.coordinator.instance import ring
 from vmkv.coordinator.metrics import render, serve
-from vmkv.coordinator.segment import remove_segment
+from vmkv.coordinator.segment import SHM_DIR, check_segment_name, remove_segment
 from vmkv.coordinator.units import format_size
 from vmkv.vmm_ops import BACKENDS, DriverError, open_vmm, probe
 
@@ -202,6 +202,10 @@ def cmd_reset(args: argparse.Namespace) -> int:
     others."""
     status = 0 if args.segment else _reset_spill_tiers()
     for name in [args.segment] if args.segment else user_segments():
+        if not (SHM_DIR / check_segment_name(name).lstrip("/")).is_file():
+            print(f"vmkv reset: no coordinator segment {name!r}", file=sys.stderr)
+            status = 1
+            continue
         try:
             segment = Segment.attach(name)
             segment.table.sweep()

@@ -30,6 +30,24 @@ def segment_name(backend: str, device: int, uid: int | None = None) -> str:
     return f"/vmkv-{os.getuid() if uid is None else uid}-{backend}{int(device)}"
 
 
+def check_segment_name(name: str) -> str:
+    """``name`` when it is one of this user's segment names, ``/vmkv-<uid>-<rest>`` (rest:
+    letters, digits, ``.``, ``_``, ``-``; not a spill tier's), else ValueError: vmkv opens,
+    lists and removes nothing outside the user's own namespace."""
+    prefix = f"/vmkv-{os.getuid()}-"
+    rest = name[len(prefix) :] if name.startswith(prefix) else ""
+    if (
+        not rest
+        or rest.startswith("spill-")
+        or not all(c.isascii() and (c.isalnum() or c in "._-") for c in rest)
+    ):
+        raise ValueError(
+            f"segment name {name!r} is not one of yours: vmkv's segments are named "
+            f"{prefix}<letters, digits, . _ ->"
+        )
+    return name
+
+
 def doorbell_name(segment: str, slot: int) -> str:
     """The POSIX semaphore that wakes the instance in ``slot``."""
     return f"{segment}-s{int(slot)}"
@@ -37,7 +55,7 @@ def doorbell_name(segment: str, slot: int) -> str:
 
 def remove_segment(name: str) -> None:
     """Unlink a segment and its doorbells. Processes that still map it keep their copy."""
-    posix_ipc.unlink_shared_memory(name)
+    posix_ipc.unlink_shared_memory(check_segment_name(name))
     for bell in SHM_DIR.glob(f"sem.{name.lstrip('/')}-s*"):
         bell.unlink(missing_ok=True)
 
@@ -74,12 +92,13 @@ class Segment:
 
     @classmethod
     def attach(cls, name: str) -> Segment:
-        """Open an existing segment (for the CLI and for later instances)."""
-        check_private(SHM_DIR / name.lstrip("/"))
+        """Open an existing segment (for the CLI and for later instances);
+        FileNotFoundError when there is none."""
+        check_private(SHM_DIR / check_segment_name(name).lstrip("/"))
         memory = posix_ipc.SharedMemory(name)
-        if memory.size < SEGMENT_SIZE:
+        if (size := memory.size) < SEGMENT_SIZE:
             memory.close_fd()
-            raise SegmentError(f"{name} is {memory.size} bytes, expected {SEGMENT_SIZE}: not a vmkv segment")
+            raise SegmentError(f"{name} is {size} bytes, expected {SEGMENT_SIZE}: not a vmkv segment")
         segment = cls(name, memory)
         deadline = time.monotonic() + INIT_WAIT_S
         while not segment.table.initialized:
@@ -91,17 +110,23 @@ class Segment:
 
     @classmethod
     def open_or_create(cls, name: str, page_size: int, budget: Callable[[], int]) -> Segment:
-        """Attach, or create and initialize with ``budget()`` bytes when none exists."""
+        """Attach, or create and initialize with ``budget()`` bytes when none exists. A
+        budget that cannot be read leaves no segment behind."""
         try:
-            memory = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=SEGMENT_SIZE)
+            memory = posix_ipc.SharedMemory(
+                check_segment_name(name), posix_ipc.O_CREX, mode=0o600, size=SEGMENT_SIZE
+            )
         except posix_ipc.ExistentialError:
             segment = cls.attach(name)
         else:
             segment = cls(name, memory)
-            pages = budget() // page_size
-            if pages <= 0:
+            try:
+                pages = budget() // page_size
+                if pages <= 0:
+                    raise ValueError(f"a budget under one page ({page_size} bytes) leaves nothing to share")
+            except BaseException:
                 segment.unlink()
-                raise ValueError(f"a budget under one page ({page_size} bytes) leaves nothing to share")
+                raise
             segment.table.initialize(page_size, pages)
         if segment.table.page_size != page_size:
             raise SegmentError(
