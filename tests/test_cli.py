@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def vmkv(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vmkv", *args], capture_output=True, text=True, timeout=120)
@@ -79,3 +81,18 @@ def test_the_cli_touches_no_shared_memory_outside_the_users_own_names():
         assert foreign.exists()
     finally:
         foreign.unlink()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["limit", "x", "--weight", "0"], "a weight from 1 to 1000000, not '0'"),
+        (["metrics", "--port", "99999"], "a port from 1 to 65535, not '99999'"),
+        (["top", "--interval", "nan"], "seconds from 0.01 to 3600, not 'nan'"),
+        (["top", "--iterations", "-1"], "a count >= 0, not '-1'"),
+        (["demo", "--seconds", "-1"], "seconds from 0.5 to 3600, not '-1'"),
+    ],
+)
+def test_out_of_range_options_are_usage_errors_naming_them(argv, message):
+    result = vmkv(*argv)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

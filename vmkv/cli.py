@@ -139,7 +139,9 @@ def cmd_limit(args: argparse.Namespace) -> int:
         new_min, new_max = (
             -1 if text is None else -(-parse_size(text, total) // page) for text in (args.min, args.max)
         )
-        slot = segment.table.set_limits(args.name, new_min, new_max, args.weight or -1)
+        slot = segment.table.set_limits(
+            args.name, new_min, new_max, -1 if args.weight is None else args.weight
+        )
         ring(segment, slot)
         print(f"{args.name}: limits updated in {segment.name}")
         return 0
@@ -230,6 +232,21 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         time.sleep(3600)
 
 
+def _bounded(kind: type, low: float, high: float, what: str) -> Any:
+    """An argparse type: a ``kind`` number in [low, high], else a usage error naming it."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"{what}, not {text!r}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vmkv", description="Elastic KV-cache memory for co-located engines"
@@ -242,18 +259,27 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="print one JSON object")
     ls.add_argument("--prom", action="store_true", help="print Prometheus text format")
     top = verbs.add_parser("top", help="a live view of `vmkv ls`")
-    top.add_argument("--interval", type=float, default=1.0)
-    top.add_argument("--iterations", type=int, default=0, help="stop after N screens (0: run until Ctrl-C)")
+    top.add_argument("--interval", type=_bounded(float, 0.01, 3600, "seconds from 0.01 to 3600"), default=1.0)
+    top.add_argument(
+        "--iterations",
+        type=_bounded(int, 0, 2**31, "a count >= 0"),
+        default=0,
+        help="stop after N screens (0: run until Ctrl-C)",
+    )
     limit = verbs.add_parser("limit", help="change an instance's min, max or weight (applied at once)")
     limit.add_argument("name")
     limit.add_argument("--min", help="guaranteed size: 512M, 4G, 10%% (of the budget)")
     limit.add_argument("--max", help="maximum size: 512M, 4G, 10%% (of the budget)")
-    limit.add_argument("--weight", type=int, help="share weight, 1 to 1000000")
+    limit.add_argument(
+        "--weight",
+        type=_bounded(int, 1, 1_000_000, "a weight from 1 to 1000000"),
+        help="share weight, 1 to 1000000",
+    )
     budget = verbs.add_parser("budget", help="change the device budget: 40G or 80%% (of the current budget)")
     budget.add_argument("size")
     reset = verbs.add_parser("reset", help="remove stale segments (refused while live instances use them)")
     metrics = verbs.add_parser("metrics", help="serve Prometheus metrics over HTTP")
-    metrics.add_argument("--port", type=int, required=True)
+    metrics.add_argument("--port", type=_bounded(int, 1, 65535, "a port from 1 to 65535"), required=True)
     metrics.add_argument("--address", default="127.0.0.1")
     for verb, handler in (
         (ls, cmd_ls),
@@ -266,7 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
         verb.add_argument("--segment", help="one segment, e.g. /vmkv-1000-cuda0 (default: all of yours)")
         verb.set_defaults(handler=handler)
     demo = verbs.add_parser("demo", help="two processes grow and shrink KV spaces on the host backend")
-    demo.add_argument("--seconds", type=float, default=6.0, help="length of the run")
+    demo.add_argument(
+        "--seconds",
+        type=_bounded(float, 0.5, 3600, "seconds from 0.5 to 3600"),
+        default=6.0,
+        help="length of the run",
+    )
     demo.set_defaults(handler=cmd_demo)
     return parser
 
