@@ -257,3 +257,30 @@ def test_on_a_device_backend_pages_emptied_by_the_engine_are_unmapped_on_the_sta
     finally:
         stack.close()
         remove_segment(segment)
+
+
+def test_a_stack_that_cannot_be_built_leaves_no_instance_registered(monkeypatch):
+    segment = f"/vmkv-{os.getuid()}-failstack{os.getpid()}"
+    monkeypatch.setenv("VMKV_SEGMENT", segment)
+    monkeypatch.setenv("VMKV_BUDGET", "8M")
+    monkeypatch.setenv("VMKV_PAGE_BYTES", "1M")
+    try:
+        small = StackSettings("small", "test", "tiny", max_size="1K", spill=False)
+        with pytest.raises(ValueError, match=r"a max of 1K is less than one KV page \(4194304 bytes\)"):
+            KVStack(torch.device("cpu"), [64 << 10] * 4, 256, small)
+        first = KVStack(
+            torch.device("cpu"), [64 << 10] * 4, 256, StackSettings("a", "test", "tiny", spill=False)
+        )
+        try:  # b joins, then its allocator refuses a setting: its lease must go
+            bad = StackSettings("b", "test", "tiny", spill=False, keep_free_pages=-1)
+            with pytest.raises(ValueError, match="keep_free_pages must be >= 0"):
+                KVStack(torch.device("cpu"), [64 << 10] * 4, 256, bad)
+            assert [row["name"] for row in Segment.attach(segment).table.snapshot()] == ["a"]
+            retry = KVStack(
+                torch.device("cpu"), [64 << 10] * 4, 256, StackSettings("b", "test", "tiny", spill=False)
+            )
+            retry.close()
+        finally:
+            first.close()
+    finally:
+        remove_segment(segment)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vmkv.allocator import BlockAllocator, KVSpace, PagePool
+from vmkv.allocator.kv_space import KVLayout
 from vmkv.allocator.reclaim import ColdCache, ColdTier, Reclaimer
 from vmkv.allocator.tensors import torch_device
 from vmkv.background import BackgroundChore
@@ -129,6 +130,14 @@ class KVStack:
         total = self.vmm.mem_info()[1]
         min_bytes = parse_size(settings.min_size, total) if settings.min_size else 0
         max_bytes = parse_size(settings.max_size, total) if settings.max_size else None
+        kv_page_bytes = (
+            KVLayout.of(block_bytes, num_blocks, self.vmm.page_size).physical_per_page * self.vmm.page_size
+        )
+        if max_bytes is not None and max_bytes < kv_page_bytes:
+            raise ValueError(
+                f"a max of {settings.max_size} is less than one KV page ({kv_page_bytes} bytes), "
+                "which every instance needs for its null block"
+            )
         self.instance: Instance | GroupLease = (
             join(
                 self.vmm,
@@ -144,11 +153,19 @@ class KVStack:
                 settings.name, settings.engine, settings.model, min_bytes, max_bytes, settings.weight
             )
         )
-        self.pool = PagePool(self.vmm, lease=self.instance)
-        self.space = KVSpace(self.pool, block_bytes, num_blocks)
-        self.allocator = BlockAllocator(
-            self.space, keep_free_pages=settings.keep_free_pages, num_blocks=num_blocks
-        )
+        try:
+            self.pool = PagePool(self.vmm, lease=self.instance)
+            self.space = KVSpace(self.pool, block_bytes, num_blocks)
+            try:
+                self.allocator = BlockAllocator(
+                    self.space, keep_free_pages=settings.keep_free_pages, num_blocks=num_blocks
+                )
+            except BaseException:
+                self.space.close()
+                raise
+        except BaseException:  # the lease must not outlive a stack that never was
+            self.instance.close()
+            raise
         # Mapping ahead and (on a device, where an unmap first waits for the work queued
         # there) unmapping emptied pages run on threads of this stack, not the engine's.
         self._mapper = BackgroundChore("vmkv-mapper", self._map_spares)
@@ -166,7 +183,11 @@ class KVStack:
     def over_ranks(cls, ranks: RankGroup, settings: StackSettings) -> KVStack:
         """The scheduler's stack over the tensor-parallel ranks that hold its KV cache."""
         device = torch_device(DEVICE_OF_BACKEND[ranks.kind], ranks.device)
-        return cls(device, ranks.layout.block_bytes, ranks.infos[0].num_blocks, settings, ranks=ranks)
+        try:
+            return cls(device, ranks.layout.block_bytes, ranks.infos[0].num_blocks, settings, ranks=ranks)
+        except BaseException:
+            ranks.close()
+            raise
 
     def grantable_blocks(self) -> int:
         """Blocks this instance could map now without waiting for anyone: its pooled
