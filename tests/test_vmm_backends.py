@@ -62,6 +62,7 @@ def test_one_batch_is_one_call_and_all_or_nothing(vmm):
     [
         ("unaligned", "not page-aligned"),
         ("outside", "not inside a reservation"),
+        ("top_of_memory", "not inside a reservation"),  # an address whose page end wraps
         ("unknown_page", "does not exist"),
         ("page_twice", "already mapped"),
         ("address_twice", "already mapped"),
@@ -76,6 +77,7 @@ def test_bad_map_requests_raise_and_change_nothing(vmm, case, message):
     pairs = {
         "unaligned": [(va + 64, pages[0])],
         "outside": [(other, pages[0])],
+        "top_of_memory": [(2**64 - size, pages[0])],
         "unknown_page": [(va, 10**9)],
         "page_twice": [(va, pages[0]), (va + size, pages[0])],
         "address_twice": [(va, pages[0]), (va, pages[1])],
@@ -120,6 +122,9 @@ def test_out_of_memory_is_an_exception_with_the_driver_name(vmm):
     }
     assert info.value.name in str(info.value)
     # The failed batch left nothing behind, and releasing makes room again.
+    assert vmm.stats()["pages"] == len(pages)
+    with pytest.raises(OutOfDeviceMemory, match="exceed the whole device"):
+        vmm.create_pages(2**60 // vmm.page_size)  # refused before any page is made
     assert vmm.stats()["pages"] == len(pages)
     vmm.release_pages(pages)
     assert len(vmm.create_pages(batch)) == batch

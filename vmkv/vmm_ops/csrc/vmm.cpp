@@ -13,6 +13,10 @@ std::string hex(uintptr_t value) {
   return buffer;
 }
 
+// Batches larger than this are checked against the device's size before any page is
+// created: a count no device can hold is a miss at once, not a vector of its size.
+constexpr size_t kCheckedCreateCount = 4096;
+
 }  // namespace
 
 Vmm::Vmm(std::unique_ptr<Driver> driver, size_t page_size) : driver_(std::move(driver)), page_size_(page_size) {
@@ -87,6 +91,12 @@ void Vmm::release_reservation(uintptr_t va) {
 }
 
 std::vector<uint64_t> Vmm::create_pages(size_t count) {
+  if (count > kCheckedCreateCount && count > driver_->mem_info().total_bytes / page_size_) {
+    throw DriverError("OUT_OF_MEMORY", 0,
+                      std::to_string(count) + " pages of " + std::to_string(page_size_) +
+                          " bytes exceed the whole device",
+                      true);
+  }
   std::vector<NativeHandle> handles;
   handles.reserve(count);
   try {
@@ -133,7 +143,7 @@ const std::pair<const uintptr_t, size_t>* Vmm::find_reservation(uintptr_t va) co
   auto it = reservations_.upper_bound(va);
   if (it == reservations_.begin()) return nullptr;
   --it;
-  if (va + page_size_ > it->first + it->second) return nullptr;
+  if (va - it->first > it->second - page_size_) return nullptr;  // no overflow near the top
   return &*it;
 }
 
