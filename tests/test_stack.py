@@ -15,7 +15,7 @@ import torch
 from vmkv.allocator.reclaim import holders_to_preempt
 from vmkv.coordinator import Segment
 from vmkv.coordinator.segment import remove_segment
-from vmkv.stack import KVStack, StackSettings
+from vmkv.stack import KVStack, StackSettings, open_backend
 
 
 @contextlib.contextmanager
@@ -60,6 +60,24 @@ def test_settings_come_from_the_environment(monkeypatch):
         monkeypatch.setenv("VMKV_DEBT_GRACE_S", bad)
         with pytest.raises(ValueError, match=f"VMKV_DEBT_GRACE_S must be .*{bad!r}"):
             StackSettings.from_env("vllm", "llama", default_name="served")
+    monkeypatch.setenv("VMKV_DEBT_GRACE_S", "0.5")
+    for name, bad, message in (
+        ("VMKV_WEIGHT", "\u00b2", "VMKV_WEIGHT must be a positive integer"),  # isdigit() says yes
+        ("VMKV_WEIGHT", "99999999999", "VMKV_WEIGHT must be a positive integer up to 1000000"),
+        ("VMKV_SPILL", "maybe", "VMKV_SPILL must be 1 or 0"),
+        ("VMKV_MIN", "4X", "VMKV_MIN: '4X' is not a size"),
+        ("VMKV_MAX", "200%", "VMKV_MAX: '200%': a percentage must be in"),
+    ):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ValueError, match=message):
+            StackSettings.from_env("vllm", "llama", default_name="served")
+        monkeypatch.delenv(name)
+    for word, spill in (("no", False), ("off", False), ("yes", True), ("1", True)):
+        monkeypatch.setenv("VMKV_SPILL", word)
+        assert StackSettings.from_env("vllm", "llama", default_name="served").spill is spill
+    monkeypatch.setenv("VMKV_PAGE_BYTES", "2X")
+    with pytest.raises(ValueError, match="VMKV_PAGE_BYTES: '2X' is not a size"):
+        open_backend(torch.device("cpu"))
 
 
 def test_stack_joins_with_limits_resolved_against_the_device(monkeypatch):

@@ -9,7 +9,7 @@ engine processes the engine itself spawns:
   VMKV_NAME       name in `vmkv ls` (default: the served model name)
   VMKV_MIN/MAX    guaranteed and maximal KV memory, "4G" or "25%" of the device
   VMKV_WEIGHT     share of contended memory (default 1)
-  VMKV_SPILL      0 turns the spill tier off (default on); VMKV_CPU_BYTES sizes it
+  VMKV_SPILL      0 (or off, no, false) turns the spill tier off; VMKV_CPU_BYTES sizes it
   VMKV_KEEP_FREE_PAGES  empty KV pages kept mapped to hide map latency (default 2)
   VMKV_DEBT_GRACE_S     how long an instance that owes pages waits for its running
                   requests to free them before it preempts some (default 0.5; inf: never)
@@ -20,6 +20,7 @@ engine processes the engine itself spawns:
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -30,8 +31,9 @@ from vmkv.allocator.kv_space import KVLayout
 from vmkv.allocator.reclaim import ColdCache, ColdTier, Reclaimer
 from vmkv.allocator.tensors import torch_device
 from vmkv.background import BackgroundChore
-from vmkv.coordinator import Instance, join, open_segment, parse_size
+from vmkv.coordinator import Instance, join, open_segment
 from vmkv.coordinator.group import GroupLease
+from vmkv.coordinator.units import named_size
 from vmkv.vmm_ops import Vmm, open_vmm
 
 if TYPE_CHECKING:
@@ -46,6 +48,28 @@ DEVICE_OF_BACKEND = {backend: device for device, backend in BACKEND_OF_DEVICE.it
 GRANTABLE_TTL_S = 0.005
 SPARE_HOLD_S = 2.0  # how long a step's worth of pages stays mapped ahead after the step
 MAP_AHEAD_BATCH = 4  # pages per map ahead: set-access goes one contiguous run at a time
+
+
+MAX_WEIGHT = 1_000_000  # the coordinator's table holds weights up to this
+SWITCH_WORDS = {
+    "1": True,
+    "on": True,
+    "yes": True,
+    "true": True,
+    "0": False,
+    "off": False,
+    "no": False,
+    "false": False,
+}
+
+
+def _env_count(name: str, default: str, low: int, high: int) -> int:
+    """The whole number in $``name``, from ``low`` to ``high``; ValueError naming it."""
+    text = os.environ.get(name, default)
+    if not re.fullmatch(r"[0-9]{1,12}", text.strip()) or not low <= int(text) <= high:
+        kind = "a positive integer" if low == 1 else "a non-negative integer"
+        raise ValueError(f"{name} must be {kind} up to {high}, got {text!r}")
+    return int(text)
 
 
 @dataclass(frozen=True)
@@ -63,12 +87,8 @@ class StackSettings:
     @classmethod
     def from_env(cls, engine: str, model: str, default_name: str) -> StackSettings:
         env = os.environ
-        weight_text = env.get("VMKV_WEIGHT", "1")
-        if not weight_text.isdigit() or int(weight_text) <= 0:
-            raise ValueError(f"VMKV_WEIGHT must be a positive integer, got {weight_text!r}")
-        keep_text = env.get("VMKV_KEEP_FREE_PAGES", "2")
-        if not keep_text.isdigit():
-            raise ValueError(f"VMKV_KEEP_FREE_PAGES must be a non-negative integer, got {keep_text!r}")
+        weight = _env_count("VMKV_WEIGHT", "1", low=1, high=MAX_WEIGHT)
+        keep = _env_count("VMKV_KEEP_FREE_PAGES", "2", low=0, high=1 << 20)
         grace_text = env.get("VMKV_DEBT_GRACE_S", "0.5")
         try:
             grace = float(grace_text)
@@ -76,15 +96,21 @@ class StackSettings:
             grace = -1.0
         if not grace >= 0:  # NaN too
             raise ValueError(f"VMKV_DEBT_GRACE_S must be a number of seconds >= 0 or inf, got {grace_text!r}")
+        spill_text = env.get("VMKV_SPILL", "1").strip().lower()
+        if spill_text not in SWITCH_WORDS:
+            raise ValueError(f"VMKV_SPILL must be 1 or 0 (on/off, yes/no, true/false), got {spill_text!r}")
+        for name in ("VMKV_MIN", "VMKV_MAX"):  # sizes; percentages resolve once the device is open
+            if text := env.get(name):
+                named_size(name, text, total=1 << 60)
         return cls(
             name=env.get("VMKV_NAME") or default_name,
             engine=engine,
             model=model,
             min_size=env.get("VMKV_MIN") or None,
             max_size=env.get("VMKV_MAX") or None,
-            weight=int(weight_text),
-            spill=env.get("VMKV_SPILL", "1") != "0",
-            keep_free_pages=int(keep_text),
+            weight=weight,
+            spill=SWITCH_WORDS[spill_text],
+            keep_free_pages=keep,
             debt_grace_s=grace,
         )
 
@@ -95,7 +121,7 @@ def open_backend(device: torch.device) -> Vmm:
     if kind is None:
         raise ValueError(f"vmkv has no backend for {device.type} devices")
     page = os.environ.get("VMKV_PAGE_BYTES")
-    return open_vmm(kind, device.index or 0, page_size=parse_size(page) if page else 0)
+    return open_vmm(kind, device.index or 0, page_size=named_size("VMKV_PAGE_BYTES", page) if page else 0)
 
 
 def capacity_bytes(device: torch.device, settings: StackSettings) -> int:
@@ -107,7 +133,7 @@ def capacity_bytes(device: torch.device, settings: StackSettings) -> int:
     budget = open_segment(vmm).table.header()["budget_pages"] * vmm.page_size
     if settings.max_size is None:
         return budget
-    return min(budget, parse_size(settings.max_size, vmm.mem_info()[1]))
+    return min(budget, named_size("VMKV_MAX", settings.max_size, vmm.mem_info()[1]))
 
 
 class KVStack:
@@ -128,8 +154,8 @@ class KVStack:
         self.vmm: Vmm | RankGroup = ranks if ranks is not None else open_backend(device)
         self.ranks = ranks
         total = self.vmm.mem_info()[1]
-        min_bytes = parse_size(settings.min_size, total) if settings.min_size else 0
-        max_bytes = parse_size(settings.max_size, total) if settings.max_size else None
+        min_bytes = named_size("VMKV_MIN", settings.min_size, total) if settings.min_size else 0
+        max_bytes = named_size("VMKV_MAX", settings.max_size, total) if settings.max_size else None
         kv_page_bytes = (
             KVLayout.of(block_bytes, num_blocks, self.vmm.page_size).physical_per_page * self.vmm.page_size
         )

@@ -31,6 +31,14 @@ def parse_size(text: str, total: int | None = None) -> int:
     return value
 
 
+def named_size(name: str, text: str, total: int | None = None) -> int:
+    """:func:`parse_size` of the setting ``name`` (VMKV_MIN, ...): its errors name it."""
+    try:
+        return parse_size(text, total)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+
+
 def format_size(value: int) -> str:
     for unit, scale in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
         if value >= scale:
@@ -42,5 +50,5 @@ def budget_bytes(setting: str | None, total_bytes: int, free_bytes: int) -> int:
     """The device budget: VMKV_BUDGET as a size or a percentage of the device's total
     memory, or, when unset, DEFAULT_FREE_SHARE of the memory free right now."""
     if setting:
-        return parse_size(setting, total_bytes)
+        return named_size("VMKV_BUDGET", setting, total_bytes)
     return int(free_bytes * DEFAULT_FREE_SHARE)

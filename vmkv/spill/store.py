@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vmkv.coordinator.units import parse_size
+from vmkv.coordinator.units import named_size
 from vmkv.spill._index import Policy
 from vmkv.spill.host_tier import HostTier
 from vmkv.spill.keys import BlockHash, Namespace, TierKeys, token_chain
@@ -41,7 +41,7 @@ class SpillTierFull(RuntimeError):
 def cpu_bytes_from_env() -> int:
     """VMKV_CPU_BYTES as a size ("8GiB") or a share of the machine's RAM ("10%")."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return parse_size(os.environ.get("VMKV_CPU_BYTES") or DEFAULT_CPU_BYTES, total)
+    return named_size("VMKV_CPU_BYTES", os.environ.get("VMKV_CPU_BYTES") or DEFAULT_CPU_BYTES, total)
 
 
 class Transfer:
