@@ -302,3 +302,32 @@ def test_a_stack_that_cannot_be_built_leaves_no_instance_registered(monkeypatch)
             first.close()
     finally:
         remove_segment(segment)
+
+
+def test_blocks_written_outside_the_allocator_get_their_pages_and_give_them_back(monkeypatch):
+    """vLLM 0.26's warmup writes blocks no allocation handed out: map_blocks maps their
+    pages from the budget, return_pages gives them back, and a budget that cannot hold
+    them is a clear error with nothing taken."""
+    with two_stacks(monkeypatch, "outside", "16M") as (a, b):
+        bpp = a.allocator.blocks_per_page
+        taken = a.map_blocks([1, bpp + 1, 2 * bpp])  # page 0 is mapped already
+        assert taken == [1, 2] and a.space.mapped_pages == 3
+        held = a.pool.stats().held
+        with pytest.raises(RuntimeError, match="could not map the 1 KV pages that the engine writes"):
+            b.map_blocks([bpp])  # the budget is full: both null pages and a's two
+        assert b.space.mapped_pages == 1 and a.pool.stats().held == held
+        a.return_pages(taken)
+        assert a.space.mapped_pages == 1 and a.pool.stats().held == a.space.physical_per_page
+        assert b.map_blocks([bpp]) == [1]
+
+
+def test_an_idle_engines_free_blocks_count_as_reclaimable_but_its_pinned_pages(monkeypatch):
+    with two_stacks(monkeypatch, "idle", "32M") as (a, _):
+        bpp = a.allocator.blocks_per_page
+        a.map_blocks(range(4 * bpp))  # four KV pages mapped, as an engine's free list holds
+        a.report_reclaimable(10 * bpp, pinned_pages=1)  # more free than mapped: all but page 0
+        assert a.reclaimer.engine_reclaimable == 3 * a.space.physical_per_page
+        a.report_reclaimable(2 * bpp + bpp // 2)  # whole pages only
+        assert a.reclaimer.engine_reclaimable == 2 * a.space.physical_per_page
+        a.report_reclaimable(0)  # busy again
+        assert a.reclaimer.engine_reclaimable == 0

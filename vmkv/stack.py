@@ -287,16 +287,17 @@ class KVStack:
         return missing
 
     def return_pages(self, pages: Sequence[int]) -> None:
-        """Give the pages :meth:`map_blocks` took back to the device and the coordinator:
-        an idle instance holding them would keep a neighbour that starts later from
-        growing."""
+        """Give the pages :meth:`map_blocks` took back (see :meth:`give_back`): an idle
+        instance holding them would keep a neighbour that starts later from growing."""
         if pages:
             self.allocator.free_pages(pages)
             self.give_back()
 
     def give_back(self) -> None:
-        """Return every empty page's memory to the device and the coordinator now (after
-        an engine freed all but its null block's page: a flush, warmup's pages)."""
+        """Return the memory of the pages that emptied (but the few kept mapped, see
+        VMKV_KEEP_FREE_PAGES) and of the pool's idle pages to the device and the
+        coordinator now: after an engine freed all but its null block's page (a flush,
+        warmup's pages)."""
         self.allocator.unmap_retired()
         self.pool.trim()
 

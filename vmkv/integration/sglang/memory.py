@@ -247,7 +247,7 @@ class ElasticIds:
                     self.radix_spill.spill_coldest(tree_cache, tokens)
                 tree_cache.evict(EvictParams(num_tokens=tokens))
                 self._shrink()
-            stack.allocator.trim(stack.debt_kv_pages())
+            stack.pay()  # from the pages now empty
             self._owed = stack.owes() and tree_cache is None
         self._free_seen = super().available_size()
 
