@@ -87,6 +87,9 @@ def test_host_argument_errors():
         open_vmm("host", device=1)
     with pytest.raises(ValueError, match="unknown backend"):
         open_vmm("tpu")
+    for argument, value in (("page_size", -4096), ("device", -1), ("host_capacity", -1)):
+        with pytest.raises(ValueError, match=f"{argument} must be >= 0, got {value}"):
+            open_vmm("host", **{argument: value})
     capped = open_vmm("host", page_size=1 * MiB, host_capacity=3 * MiB)
     assert capped.mem_info() == (3 * MiB, 3 * MiB)
     capped.create_pages(3)

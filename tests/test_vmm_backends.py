@@ -105,7 +105,11 @@ def test_bad_unmap_release_and_reservation_requests(vmm):
         vmm.release_reservation(va + size)
     with pytest.raises(ValueError, match="not a positive multiple"):
         vmm.reserve(size + 1)
-    assert vmm.stats()["mapped"] == 1
+    with pytest.raises(ValueError, match="size must be >= 0, got -1"):
+        vmm.reserve(-1)
+    with pytest.raises(ValueError, match="count must be >= 0, got -2"):
+        vmm.create_pages(-2)
+    assert vmm.stats()["mapped"] == 1 and vmm.stats()["pages"] == 1
 
 
 def test_out_of_memory_is_an_exception_with_the_driver_name(vmm):

@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <limits>
 #include <string>
 
 #include "vmm.h"
@@ -30,7 +31,21 @@ class VmmHandle {
   std::unique_ptr<Vmm> vmm_;
 };
 
-std::unique_ptr<VmmHandle> open_vmm(const std::string& kind, int device, size_t page_size, size_t host_capacity) {
+// Sizes and counts arrive as signed integers so that a negative one is a ValueError that
+// names it, not pybind's "incompatible function arguments".
+size_t non_negative(long long value, const char* what) {
+  if (value < 0) throw std::invalid_argument(std::string(what) + " must be >= 0, got " + std::to_string(value));
+  return static_cast<size_t>(value);
+}
+
+std::unique_ptr<VmmHandle> open_vmm(const std::string& kind, long long device_index, long long page_bytes,
+                                    long long capacity_bytes) {
+  if (non_negative(device_index, "device") > static_cast<size_t>(std::numeric_limits<int>::max())) {
+    throw std::invalid_argument("device " + std::to_string(device_index) + " is out of range");
+  }
+  const int device = static_cast<int>(device_index);
+  size_t page_size = non_negative(page_bytes, "page_size");
+  const size_t host_capacity = non_negative(capacity_bytes, "host_capacity");
   std::unique_ptr<Driver> driver;
   if (kind == "host") {
     // Host pages default to 2 MiB, the GPU granularity, so host runs exercise the same
@@ -108,11 +123,12 @@ PYBIND11_MODULE(_C, m) {
              return std::make_pair(info.free_bytes, info.total_bytes);
            },
            release_gil(), "(free_bytes, total_bytes) of the device")
-      .def("reserve", [](VmmHandle& h, size_t size) { return h.get().reserve(size); }, py::arg("size"),
-           release_gil())
+      .def("reserve", [](VmmHandle& h, long long size) { return h.get().reserve(non_negative(size, "size")); },
+           py::arg("size"), release_gil())
       .def("release_reservation", [](VmmHandle& h, uintptr_t va) { h.get().release_reservation(va); },
            py::arg("address"), release_gil())
-      .def("create_pages", [](VmmHandle& h, size_t count) { return h.get().create_pages(count); },
+      .def("create_pages",
+           [](VmmHandle& h, long long count) { return h.get().create_pages(non_negative(count, "count")); },
            py::arg("count"), release_gil())
       .def("release_pages", [](VmmHandle& h, const std::vector<uint64_t>& pages) { h.get().release_pages(pages); },
            py::arg("pages"), release_gil())
