@@ -112,6 +112,14 @@ def test_page_misuse(pool):
         with pytest.raises(ValueError, match=f"KV page {bad!r} is not an integer page id"):
             space.unmap_pages([bad])
     assert pool.stats().in_use == in_use and space.mapped_pages == 1  # nothing taken, nothing lost
+    for dtype, shape, message in (
+        ("float16", (4,), "dtype must be a torch.dtype"),
+        (torch.float16, (4, -1), "shape must be positive integers"),
+        (torch.float16, (), "shape must be positive integers"),
+        (torch.float16, (1.5,), "shape must be positive integers"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            space.tensor(0, dtype, shape)
     with pytest.raises(ValueError, match="positive"):
         KVSpace(pool, [0], 1)
     with pytest.raises(ValueError, match="num_blocks"):

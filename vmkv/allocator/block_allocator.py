@@ -240,6 +240,8 @@ class BlockAllocator:
 
     def page_blocks(self, page: int) -> range:
         """The block ids of KV page ``page`` (the last page may hold fewer)."""
+        if not 0 <= page < self.space.num_pages:
+            raise ValueError(f"KV page {page} out of range [0, {self.space.num_pages})")
         bpp = self.blocks_per_page
         return range(page * bpp, min((page + 1) * bpp, self.num_blocks))
 
@@ -298,6 +300,8 @@ class BlockAllocator:
 
     def trim(self, pages: int | None = None) -> int:
         """Unmap fully free pages now (all of them, or up to ``pages``); returns how many."""
+        if pages is not None and pages < 0:
+            raise ValueError(f"a page count must be >= 0, got {pages}")
         with self.lock:
             empty = self._book.num_empty
             released = self._release_empty_pages(empty - min(empty, pages) if pages is not None else 0)

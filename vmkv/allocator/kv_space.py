@@ -217,6 +217,10 @@ class KVSpace:
         space. Touching unmapped blocks faults on the host and is invalid on devices."""
         import torch
 
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype must be a torch.dtype, not {dtype!r}")
+        if not shape or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
+            raise ValueError(f"shape must be positive integers, not {tuple(shape)!r}")
         start = self.buffer_address(buffer)
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if start + nbytes > self.base + self.nbytes:
