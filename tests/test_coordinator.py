@@ -570,3 +570,12 @@ def test_segment_names_outside_the_users_namespace_are_refused(monkeypatch):
         monkeypatch.setenv("VMKV_SEGMENT", name)
         with pytest.raises(ValueError, match=f"segment name {name!r} is not one of yours"):
             join(vmm, "a")
+
+
+def test_names_with_control_bytes_are_refused(segment):
+    vmm = open_vmm("host", page_size=1 << 20, host_capacity=64 << 20)
+    for field, value in (("name", "a\nb"), ("engine", "vllm\x1b[2J"), ("model", "m\x00")):
+        kwargs = {"name": "ok", "engine": "vllm", "model": "m", field: value}
+        with pytest.raises(ValueError, match=f"{field} must be printable"):
+            join(vmm, kwargs.pop("name"), segment=segment.name, **kwargs)
+    assert segment.table.snapshot() == []

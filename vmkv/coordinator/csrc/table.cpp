@@ -13,6 +13,13 @@ void check_text(const std::string& value, size_t capacity, const char* what) {
     throw std::invalid_argument(std::string(what) + " must be 1 to " + std::to_string(capacity - 1) +
                                 " bytes, got " + std::to_string(value.size()));
   }
+  // A newline or escape in a name would forge lines in `vmkv ls` and the metrics.
+  for (const unsigned char c : value) {
+    if (c < 0x20 || c == 0x7f) {
+      throw std::invalid_argument(std::string(what) + " must be printable; it holds the control byte " +
+                                  std::to_string(c));
+    }
+  }
 }
 
 bool terminated(const char* text, size_t capacity) { return memchr(text, '\0', capacity) != nullptr; }
