@@ -579,3 +579,14 @@ def test_names_with_control_bytes_are_refused(segment):
         with pytest.raises(ValueError, match=f"{field} must be printable"):
             join(vmm, kwargs.pop("name"), segment=segment.name, **kwargs)
     assert segment.table.snapshot() == []
+
+
+def test_the_budget_changes_from_the_cli_and_a_size_under_a_page_is_refused(segment):
+    page = segment.table.header()["page_size"]
+    changed = vmkv_cli("budget", str(3 * page), "--segment", segment.name)
+    assert changed.returncode == 0, changed.stderr
+    assert segment.table.header()["budget_pages"] == 3
+    refused = vmkv_cli("budget", "1K", "--segment", segment.name)
+    assert refused.returncode == 1
+    assert f"a budget of 1K is less than one page ({page} bytes)" in refused.stderr
+    assert segment.table.header()["budget_pages"] == 3

@@ -361,6 +361,13 @@ def test_bad_input_is_a_clear_error(namespace):
         assert store.stats()["valid"] == 0 and store.stats()["pinned"] == 0
     finally:
         store.close()
+    for call in (
+        lambda: store.store([b"a"], [1]),
+        lambda: store.lookup([b"a"]),
+        lambda: store.retrieve([b"a"], [1]),
+    ):
+        with pytest.raises(ValueError, match="this spill store is closed"):
+            call()
     with pytest.raises(ValueError, match="unknown eviction policy"):
         SpillStore(tensors, namespace, policy="random")
     with pytest.raises(ValueError, match="has 8 blocks"):

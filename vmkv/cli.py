@@ -152,8 +152,10 @@ def cmd_limit(args: argparse.Namespace) -> int:
 def cmd_budget(args: argparse.Namespace) -> int:
     for segment in _segments(args.segment):
         header = segment.table.header()
-        total = header["budget_pages"] * header["page_size"]
-        segment.table.set_budget(parse_size(args.size, total) // header["page_size"])
+        page, total = header["page_size"], header["budget_pages"] * header["page_size"]
+        if (pages := parse_size(args.size, total) // page) == 0:
+            raise ValueError(f"a budget of {args.size} is less than one page ({page} bytes)")
+        segment.table.set_budget(pages)
         print(f"{segment.name}: budget set to {args.size}")
     return 0
 

@@ -168,6 +168,7 @@ class SpillStore:
 
     def lookup(self, keys: Sequence[BlockHash]) -> int:
         """How many leading ``keys`` the tier holds (a prefix match)."""
+        self._check_open()
         tier_keys = self._tier_keys.keys(keys)
         return self.tier.index.lookup(tier_keys)
 
@@ -258,7 +259,12 @@ class SpillStore:
 
     # -- internals ---------------------------------------------------------------------
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("this spill store is closed")
+
     def _keys_for(self, keys: Sequence[BlockHash], blocks: Sequence[int]) -> list[bytes]:
+        self._check_open()
         if len(keys) != len(blocks):
             raise ValueError(f"{len(keys)} keys for {len(blocks)} blocks")
         self.layout.check_blocks(blocks)
