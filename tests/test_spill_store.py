@@ -3,6 +3,7 @@ capacity, keys and bad input."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -481,3 +482,33 @@ def test_a_failed_copy_releases_its_slots_unpublished(namespace):
         assert store.stats()["aborted"] == 1
     finally:
         store.close()
+
+
+def test_a_geometry_rewritten_under_an_attached_store_is_caught_as_corruption(namespace):
+    """Another process of the user rewrites the tier's geometry, consistently, to one of
+    fewer slots: loops and offsets must not follow it (they come from the geometry first
+    validated), and every call names the corruption."""
+    import struct
+
+    from vmkv.spill._index import SegmentError, geometry
+
+    tensors, _block_dim = make_kv("flat", 16, torch.float16)
+    store = SpillStore(tensors, namespace, capacity_bytes=1 << 20)
+    try:
+        store.store([b"a"], [1]).wait()
+        header = store.tier.index.header()
+        fields = ("slot_count", "slot_bytes", "slot_stride", "bucket_count", "data_offset", "total_bytes")
+        old = struct.pack("<6Q", *(geometry(header["slot_count"], header["slot_bytes"])[f] for f in fields))
+        new = struct.pack(
+            "<6Q", *(geometry(header["slot_count"] // 2, header["slot_bytes"])[f] for f in fields)
+        )
+        with open(store.tier.path, "r+b") as tier_file:
+            at = tier_file.read(1 << 12).index(old)
+            tier_file.seek(at)
+            tier_file.write(new)
+        with pytest.raises(SegmentError, match="geometry changed while in use"):
+            store.lookup([b"a"])
+    finally:
+        store.tier.path.unlink(missing_ok=True)
+        with contextlib.suppress(SegmentError):
+            store.close()

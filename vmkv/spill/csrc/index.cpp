@@ -38,10 +38,12 @@ const uint8_t* key_bytes(const std::string& key) { return reinterpret_cast<const
 Geometry geometry_for(uint64_t slot_count, uint64_t slot_bytes) {
   if (slot_count == 0 || slot_bytes == 0) throw std::invalid_argument("a spill tier needs slots of positive size");
   if (slot_count > (uint64_t{1} << 40)) throw std::invalid_argument("too many spill slots");
+  if (slot_bytes > (uint64_t{1} << 40)) throw std::invalid_argument("spill slots of over 1 TiB");
   Geometry g{};
   g.slot_count = slot_count;
   g.slot_bytes = slot_bytes;
   g.slot_stride = round_up(slot_bytes, kSlotAlign);
+  if (g.slot_stride > (uint64_t{1} << 56) / slot_count) throw std::invalid_argument("a spill tier over 64 PiB");
   g.bucket_count = 16;
   while (g.bucket_count < 2 * slot_count) g.bucket_count <<= 1;
   uint64_t index_bytes = sizeof(Header) + g.bucket_count * sizeof(int64_t) + slot_count * sizeof(Entry);
@@ -83,6 +85,8 @@ void Index::initialize(const Geometry& g, Policy policy, const std::string& name
   h.entry_bytes = sizeof(Entry);
   h.policy = static_cast<uint32_t>(policy);
   h.geometry = g;
+  geometry_ = g;
+  geometry_known_ = true;
   memcpy(h.namespace_digest, namespace_digest.data(), kNamespaceBytes);
   std::fill_n(buckets(), g.bucket_count, int64_t{-1});
   for (uint64_t i = 0; i < g.slot_count; ++i) entry(static_cast<int64_t>(i)).hash_next = -1;
@@ -108,8 +112,14 @@ void Index::validate_header() const {
   } catch (const std::invalid_argument& e) {
     throw SegmentError(std::string("spill segment has an impossible geometry: ") + e.what());
   }
-  if (memcmp(&g, &h.geometry, sizeof(Geometry)) != 0 || h.geometry.total_bytes > size_) {
+  if (memcmp(&g, &h.geometry, sizeof(Geometry)) != 0 || g.total_bytes > size_) {
     throw SegmentError("spill segment's geometry does not match its size");
+  }
+  if (!geometry_known_) {
+    geometry_ = g;
+    geometry_known_ = true;
+  } else if (memcmp(&g, &geometry_, sizeof(Geometry)) != 0) {
+    throw SegmentError("spill segment's geometry changed while in use: it is corrupted; run `vmkv reset`");
   }
 }
 
@@ -123,10 +133,10 @@ int64_t* Index::buckets() {
 }
 
 Entry& Index::entry(int64_t slot) {
-  if (slot < 0 || static_cast<uint64_t>(slot) >= header_->geometry.slot_count) {
+  if (slot < 0 || static_cast<uint64_t>(slot) >= geometry_.slot_count) {
     throw SegmentError("spill index is corrupted: slot " + std::to_string(slot) + " out of range; run `vmkv reset`");
   }
-  auto* entries = reinterpret_cast<Entry*>(buckets() + header_->geometry.bucket_count);
+  auto* entries = reinterpret_cast<Entry*>(buckets() + geometry_.bucket_count);
   Entry& e = entries[slot];
   if (e.state > kValid || (e.state == kWriting && (e.writer < 0 || e.writer >= static_cast<int32_t>(kMaxProcs)))) {
     throw SegmentError("spill index is corrupted: slot " + std::to_string(slot) + " has state " +
@@ -148,9 +158,9 @@ Proc& Index::attached(uint32_t proc) {
 }
 
 int64_t Index::find(const uint8_t* key) {
-  int64_t slot = buckets()[bucket_of(key, header_->geometry.bucket_count)];
+  int64_t slot = buckets()[bucket_of(key, geometry_.bucket_count)];
   for (uint64_t steps = 0; slot != -1; ++steps) {
-    if (steps > header_->geometry.slot_count) throw SegmentError("spill index is corrupted: a hash chain loops");
+    if (steps > geometry_.slot_count) throw SegmentError("spill index is corrupted: a hash chain loops");
     Entry& e = entry(slot);
     if (e.state != kFree && memcmp(e.key, key, kKeyBytes) == 0) return slot;
     slot = e.hash_next;
@@ -160,16 +170,16 @@ int64_t Index::find(const uint8_t* key) {
 
 void Index::link(int64_t slot) {
   Entry& e = entry(slot);
-  int64_t& head = buckets()[bucket_of(e.key, header_->geometry.bucket_count)];
+  int64_t& head = buckets()[bucket_of(e.key, geometry_.bucket_count)];
   e.hash_next = head;
   head = slot;
 }
 
 void Index::unlink(int64_t slot) {
   Entry& e = entry(slot);
-  int64_t* link = &buckets()[bucket_of(e.key, header_->geometry.bucket_count)];
+  int64_t* link = &buckets()[bucket_of(e.key, geometry_.bucket_count)];
   for (uint64_t steps = 0; *link != -1; ++steps) {
-    if (steps > header_->geometry.slot_count) throw SegmentError("spill index is corrupted: a hash chain loops");
+    if (steps > geometry_.slot_count) throw SegmentError("spill index is corrupted: a hash chain loops");
     if (*link == slot) {
       *link = e.hash_next;
       e.hash_next = -1;
@@ -197,8 +207,8 @@ uint64_t Index::rank(const Entry& e) const {
 }
 
 void Index::rebuild_chains() {
-  std::fill_n(buckets(), header_->geometry.bucket_count, int64_t{-1});
-  for (uint64_t i = 0; i < header_->geometry.slot_count; ++i) {
+  std::fill_n(buckets(), geometry_.bucket_count, int64_t{-1});
+  for (uint64_t i = 0; i < geometry_.slot_count; ++i) {
     Entry& e = entry(static_cast<int64_t>(i));
     e.hash_next = -1;
     if (e.state != kFree) link(static_cast<int64_t>(i));
@@ -216,7 +226,7 @@ void Index::repair_after_owner_death() {
 
 void Index::release_proc(uint32_t proc) {
   uint64_t bit = uint64_t{1} << proc;
-  for (uint64_t i = 0; i < header_->geometry.slot_count; ++i) {
+  for (uint64_t i = 0; i < geometry_.slot_count; ++i) {
     Entry& e = entry(static_cast<int64_t>(i));
     e.readers &= ~bit;
     if (e.state == kWriting && e.writer == static_cast<int32_t>(proc)) {
@@ -276,7 +286,7 @@ std::optional<std::vector<int64_t>> Index::reserve(uint32_t proc, const std::vec
   attached(proc);
   std::vector<int64_t> result(keys.size(), -1);
   std::vector<size_t> wanted;  // positions of keys that need a slot
-  std::vector<bool> keep(header_->geometry.slot_count, false);  // present keys are never victims
+  std::vector<bool> keep(geometry_.slot_count, false);  // present keys are never victims
   std::unordered_set<std::string_view> seen;
   seen.reserve(keys.size());
   for (size_t i = 0; i < keys.size(); ++i) {
@@ -292,12 +302,12 @@ std::optional<std::vector<int64_t>> Index::reserve(uint32_t proc, const std::vec
   for (int attempt = 0; attempt < 2; ++attempt) {
     std::vector<int64_t> free_slots;
     std::vector<std::pair<uint64_t, int64_t>> evictable;
-    for (uint64_t i = 0; i < header_->geometry.slot_count && free_slots.size() < wanted.size(); ++i) {
+    for (uint64_t i = 0; i < geometry_.slot_count && free_slots.size() < wanted.size(); ++i) {
       const Entry& e = entry(static_cast<int64_t>(i));
       if (e.state == kFree) free_slots.push_back(static_cast<int64_t>(i));
     }
     if (free_slots.size() < wanted.size()) {
-      for (uint64_t i = 0; i < header_->geometry.slot_count; ++i) {
+      for (uint64_t i = 0; i < geometry_.slot_count; ++i) {
         const Entry& e = entry(static_cast<int64_t>(i));
         if (e.state == kValid && e.readers == 0 && !keep[i]) evictable.emplace_back(rank(e), static_cast<int64_t>(i));
       }
@@ -427,9 +437,9 @@ Stats Index::stats() {
   Guard guard(*this);
   const Header& h = *header_;
   Stats s{};
-  s.geometry = h.geometry;
+  s.geometry = geometry_;
   s.counters = h.counters;
-  for (uint64_t i = 0; i < h.geometry.slot_count; ++i) {
+  for (uint64_t i = 0; i < geometry_.slot_count; ++i) {
     const Entry& e = entry(static_cast<int64_t>(i));
     s.valid += e.state == kValid;
     s.writing += e.state == kWriting;

@@ -152,6 +152,11 @@ class Index {
 
   Header* header_;
   size_t size_;
+  // The geometry as first validated. It never changes after initialization, so every
+  // loop bound and offset comes from this private copy: a process that rewrites the shared
+  // one mid-call cannot move them past the mapping (a change is caught as corruption).
+  mutable Geometry geometry_{};
+  mutable bool geometry_known_ = false;
 };
 
 }  // namespace vmkv::spill
