@@ -590,3 +590,49 @@ def test_the_budget_changes_from_the_cli_and_a_size_under_a_page_is_refused(segm
     assert refused.returncode == 1
     assert f"a budget of 1K is less than one page ({page} bytes)" in refused.stderr
     assert segment.table.header()["budget_pages"] == 3
+
+
+def test_names_read_back_are_checked_and_never_undecodable(segment):
+    """Another process of the user rewrites a registered name: a control byte is named as
+    corruption (it would forge lines in vmkv ls), bytes that are not UTF-8 read as U+FFFD."""
+    vmm = open_vmm("host", page_size=1 << 20, host_capacity=64 << 20)
+    instance = join(vmm, "victim-name", segment=segment.name)
+    try:
+        with open(SHM_DIR / segment.name.lstrip("/"), "r+b") as shared:
+            raw = mmap.mmap(shared.fileno(), 0)
+            at = raw.find(b"victim-name\0")
+            raw[at : at + 4] = b"\xff\xfeim"
+            assert segment.table.snapshot()[0]["name"] == "\ufffd\ufffdimim-name"
+            raw[at : at + 4] = b"vi\nt"
+            with pytest.raises(SegmentError, match="has a name with control bytes"):
+                segment.table.snapshot()
+            raw[at : at + 4] = b"vict"
+            raw.close()
+        assert segment.table.snapshot()[0]["name"] == "victim-name"
+    finally:
+        instance.close()
+
+
+def test_an_overwritten_lock_is_named_not_an_abort_and_reset_removes_the_segment():
+    """glibc aborts the process that locks a mutex whose type word was overwritten (here
+    to a priority-protected type, as another process of the user could): vmkv checks the
+    word first and names it, and `vmkv reset` can then remove the segment."""
+    segment = Segment.open_or_create(
+        f"/vmkv-{os.getuid()}-lockkind{os.getpid()}", PAGE, lambda: BUDGET_PAGES * PAGE
+    )
+    kind_at = 64 + 16  # the header's mutex, then glibc's __kind (x86-64)
+    with open(SHM_DIR / segment.name.lstrip("/"), "r+b") as shared:
+        raw = mmap.mmap(shared.fileno(), 0)
+        assert int.from_bytes(raw[kind_at : kind_at + 4], "little") != 0  # robust and shared
+        raw[kind_at : kind_at + 4] = (0x40).to_bytes(4, "little")
+        raw.close()
+    check = subprocess.run(
+        [sys.executable, "-c", f"from vmkv.coordinator import Segment; Segment.attach({segment.name!r})"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 1 and "lock has been overwritten" in check.stderr  # not -6 (SIGABRT)
+    removed = vmkv_cli("reset", "--segment", segment.name)
+    assert removed.returncode == 0 and "removing it" in removed.stdout
+    assert not (SHM_DIR / segment.name.lstrip("/")).exists()

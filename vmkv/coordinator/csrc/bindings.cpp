@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
+
 #include "table.h"
 
 namespace py = pybind11;
@@ -24,15 +26,23 @@ py::dict histogram_dict(const Histogram& h) {
   return d;
 }
 
+// A name field as str: never past its bytes (it was copied after validation, but the copy
+// may still race a writer), and bytes that are not UTF-8 shown as U+FFFD, not an error.
+py::str text(const char* field, size_t capacity) {
+  PyObject* decoded = PyUnicode_DecodeUTF8(field, static_cast<Py_ssize_t>(strnlen(field, capacity)), "replace");
+  if (decoded == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::str>(decoded);
+}
+
 py::dict view_dict(const SlotView& v) {
   const Slot& s = v.slot;
   py::dict d;
   d["slot"] = v.index;
   d["pid"] = s.pid;
   d["generation"] = s.generation;
-  d["name"] = std::string(s.name);
-  d["engine"] = std::string(s.engine);
-  d["model"] = std::string(s.model);
+  d["name"] = text(s.name, kNameBytes);
+  d["engine"] = text(s.engine, kEngineBytes);
+  d["model"] = text(s.model, kModelBytes);
   d["min_pages"] = s.min_pages;
   d["max_pages"] = s.max_pages;
   d["weight"] = s.weight;

@@ -8,17 +8,24 @@ namespace {
 
 constexpr int kLockTimeoutSeconds = 5;
 
+// The first control byte (NUL included) in text[0, size), or -1.
+int control_byte(const char* text, size_t size) {
+  for (size_t i = 0; i < size; ++i) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    if (c < 0x20 || c == 0x7f) return c;
+  }
+  return -1;
+}
+
 void check_text(const std::string& value, size_t capacity, const char* what) {
   if (value.empty() || value.size() >= capacity) {
     throw std::invalid_argument(std::string(what) + " must be 1 to " + std::to_string(capacity - 1) +
                                 " bytes, got " + std::to_string(value.size()));
   }
   // A newline or escape in a name would forge lines in `vmkv ls` and the metrics.
-  for (const unsigned char c : value) {
-    if (c < 0x20 || c == 0x7f) {
-      throw std::invalid_argument(std::string(what) + " must be printable; it holds the control byte " +
-                                  std::to_string(c));
-    }
+  if (const int c = control_byte(value.data(), value.size()); c >= 0) {
+    throw std::invalid_argument(std::string(what) + " must be printable; it holds the control byte " +
+                                std::to_string(c));
   }
 }
 
@@ -64,6 +71,7 @@ bool Table::initialized() const { return __atomic_load_n(&segment_->header.initi
 
 void Table::initialize(uint64_t page_size, uint64_t budget_pages) {
   if (page_size == 0 || budget_pages == 0) throw std::invalid_argument("page size and budget must be positive");
+  if (budget_pages > kMaxBudgetPages) throw std::invalid_argument("a budget of over 2**40 pages");
   memset(segment_, 0, sizeof(Segment));
   Header& h = segment_->header;
   h.magic = kMagic;
@@ -96,6 +104,9 @@ void Table::validate_header() const {
     throw SegmentError("coordinator segment has a foreign layout (header/slot sizes differ)");
   }
   if (h.page_size == 0 || h.budget_pages == 0) throw SegmentError("coordinator segment has a zero page size or budget");
+  if (h.budget_pages > kMaxBudgetPages || h.next_generation > kMaxGeneration) {
+    throw SegmentError("coordinator segment is corrupted: its budget or generation counter is out of range");
+  }
 }
 
 void Table::validate_slots() const {
@@ -109,6 +120,11 @@ void Table::validate_slots() const {
     if (s.pid <= 0) throw SegmentError(where + " has no valid pid");
     if (!terminated(s.name, kNameBytes) || !terminated(s.engine, kEngineBytes) || !terminated(s.model, kModelBytes)) {
       throw SegmentError(where + " has an unterminated name");
+    }
+    if (control_byte(s.name, strnlen(s.name, kNameBytes)) >= 0 ||
+        control_byte(s.engine, strnlen(s.engine, kEngineBytes)) >= 0 ||
+        control_byte(s.model, strnlen(s.model, kModelBytes)) >= 0) {
+      throw SegmentError(where + " has a name with control bytes");
     }
     if (s.weight == 0 || s.weight > kMaxWeight) {
       throw SegmentError(where + " has weight " + std::to_string(s.weight));
@@ -461,6 +477,7 @@ int64_t Table::set_limits(const std::string& name, int64_t min_pages, int64_t ma
 
 void Table::set_budget(uint64_t budget_pages) {
   if (budget_pages == 0) throw std::invalid_argument("the budget must be positive");
+  if (budget_pages > kMaxBudgetPages) throw std::invalid_argument("a budget of over 2**40 pages");
   Guard guard(*this);
   uint64_t mins = 0;
   for (const Slot& s : segment_->slots) {

@@ -25,6 +25,8 @@ constexpr size_t kNameBytes = 64;
 constexpr size_t kEngineBytes = 32;
 constexpr size_t kModelBytes = 128;
 constexpr uint32_t kMaxWeight = 1000000;
+constexpr uint64_t kMaxBudgetPages = uint64_t{1} << 40;  // sums of leases stay far from overflow
+constexpr uint64_t kMaxGeneration = uint64_t{1} << 62;
 constexpr int kBuckets = 15;
 // Upper bounds of the latency buckets in ns; the last bucket is +Inf.
 constexpr uint64_t kBucketBoundsNs[kBuckets - 1] = {1000,    2000,    5000,    10000,   20000,    50000,   100000,
