@@ -332,18 +332,18 @@ def test_alloc_up_to_takes_what_mapped_pages_hold_when_no_page_can_be_mapped():
 def test_take_pages_maps_the_pages_named_and_gives_them_back():
     vmm, space, allocator = make_allocator(capacity_pages=6)  # room for 3 KV pages
     try:
-        assert allocator.take_pages([2, 1])
+        assert allocator.take_pages([2, 1]) == [1, 2]
         assert all(allocator.is_allocated(b) for b in range(4, 12)) and space.mapped_pages == 3
         before = allocator.stats()
         for bad, message in [
             ([0], "out of range"),
             ([10], "out of range"),
-            ([1], "already mapped"),
             (["3"], "not an integer"),
         ]:
             with pytest.raises(ValueError, match=message):
                 allocator.take_pages(bad)
-        assert not allocator.take_pages([3])  # no memory left: a miss, nothing changed
+        assert allocator.take_pages([1]) == []  # taken already: its blocks live, it is left as it is
+        assert allocator.take_pages([3]) is None  # no memory left: a miss, nothing changed
         after = allocator.stats()
         assert (after.mapped_pages, after.used_blocks, after.misses) == (
             3,
@@ -404,3 +404,23 @@ def test_paged_ids_shrink_by_distinct_free_ids_and_refuse_what_is_not_an_id():
             ids.shrink(bad)
     assert space.mapped_pages == 2
     assert ids.shrink(torch.tensor([4, 5, 6, 7])).tolist() == [] and space.mapped_pages == 1
+
+
+def test_take_pages_takes_an_empty_page_kept_mapped_so_nothing_hands_it_out_or_unmaps_it():
+    """A page emptied but kept mapped (keep_free_pages) still belongs to the allocator:
+    blocks written outside it there must not be handed out, nor their page unmapped."""
+    vmm, space, allocator = make_allocator(keep_free_pages=2)
+    try:
+        blocks = allocator.alloc(8)  # pages 0 and 1 (the null block's page holds 3 more)
+        assert blocks is not None and space.mapped_pages >= 2
+        allocator.free([b for b in blocks if b >= 4])  # page 1 empties and stays mapped
+        assert space.is_mapped(1) and allocator.live_blocks(1) == 0
+        assert allocator.take_pages([1]) == [1]
+        view = space.tensor(0, torch.uint8, (NUM_BLOCKS, BLOCK_BYTES))
+        view[4:8].fill_(9)  # the engine writes blocks 4..7
+        assert not set(allocator.alloc(4) or []) & {4, 5, 6, 7}
+        allocator.trim()
+        assert space.is_mapped(1) and int(view[4:8].min()) == 9  # still mapped, still written
+        allocator.free_pages([1])
+    finally:
+        vmm.close()

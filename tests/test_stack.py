@@ -331,3 +331,37 @@ def test_an_idle_engines_free_blocks_count_as_reclaimable_but_its_pinned_pages(m
         assert a.reclaimer.engine_reclaimable == 2 * a.space.physical_per_page
         a.report_reclaimable(0)  # busy again
         assert a.reclaimer.engine_reclaimable == 0
+
+
+def test_reclaiming_cold_blocks_while_the_engine_gives_pages_back_does_not_deadlock(monkeypatch):
+    """Reclaim frees cold blocks with the allocator's lock held, which unmaps the pages
+    they empty; the engine meanwhile gives empty pages back. Neither may wait for the
+    other's lock while holding its own."""
+    from vmkv.allocator.reclaim import ColdTier
+
+    class SlowColdCache:  # an engine's prefix cache whose cold list takes a while
+        def __init__(self, blocks: list[int]) -> None:
+            self.blocks = blocks
+
+        def cold_blocks(self) -> list[tuple[int, bytes | None]]:
+            time.sleep(0.2)
+            return [(block, None) for block in self.blocks]
+
+        def evict(self, blocks) -> None:
+            self.blocks = [block for block in self.blocks if block not in set(blocks)]
+
+    with two_stacks(monkeypatch, "coldlock", "32M") as (a, _):
+        bpp = a.allocator.blocks_per_page
+        taken = a.allocator.alloc(3 * bpp)  # pages 0 to 2, and a block of page 3
+        assert taken is not None
+        cold = [block for block in taken if block // bpp == 2]  # page 2 holds only cold blocks
+        a.reclaimer.cold.append(ColdTier(a.allocator, SlowColdCache(cold), None))
+        reclaim = threading.Thread(target=a.reclaimer.reclaim, args=(a.space.physical_per_page,))
+        reclaim.start()
+        time.sleep(0.05)  # reclaim now holds the allocator's lock, reading the cold list
+        engine = threading.Thread(target=a.give_back)
+        engine.start()
+        reclaim.join(timeout=10)
+        engine.join(timeout=10)
+        assert not reclaim.is_alive() and not engine.is_alive(), "reclaim and give_back deadlocked"
+        assert not a.space.is_mapped(2) and a.pool.stats().debt == 0

@@ -272,19 +272,19 @@ class KVStack:
         return blocks
 
     def map_blocks(self, blocks: Iterable[int]) -> list[int]:
-        """Map the unmapped pages of ``blocks``, which the engine writes without having
-        allocated them (vLLM 0.26's warmup). Returns the pages taken, for
-        :meth:`return_pages`; raises RuntimeError when the budget cannot hold them."""
-        allocator = self.allocator
-        pages = {block // allocator.blocks_per_page for block in blocks}
-        allocator.unmap_retired()  # a page on its way out still shows as mapped
-        missing = sorted(page for page in pages if not allocator.space.is_mapped(page))
-        if missing and not allocator.take_pages(missing):
+        """Take the pages of ``blocks``, mapping those that are unmapped, for an engine
+        that writes blocks it never allocated (vLLM 0.26's warmup): until
+        :meth:`return_pages`, no allocation hands them out and no reclaim unmaps them.
+        Returns the pages taken (not the null block's); raises RuntimeError when the
+        budget cannot hold them."""
+        pages = {block // self.allocator.blocks_per_page for block in blocks} - {0}
+        taken = self.allocator.take_pages(pages)
+        if taken is None:
             raise RuntimeError(
-                f"vmkv could not map the {len(missing)} KV pages that the engine writes outside "
+                f"vmkv could not map the {len(pages)} KV pages that the engine writes outside "
                 "its allocator: the coordinator's budget is full; give this instance a larger VMKV_MIN"
             )
-        return missing
+        return taken
 
     def return_pages(self, pages: Sequence[int]) -> None:
         """Give the pages :meth:`map_blocks` took back (see :meth:`give_back`): an idle

@@ -262,32 +262,41 @@ class BlockAllocator:
             self._recount()
             return pages
 
-    def take_pages(self, pages: Iterable[int]) -> bool:
-        """Map these unmapped KV pages and take all their blocks, for a caller that must
-        use fixed block ids (vLLM's V2 warmup writes blocks 1, 2, ... without asking a
-        scheduler). False, a miss with nothing changed, when their memory cannot be had.
-        Give them back with :meth:`free_pages`."""
-        wanted = set(pages)
-        pages = sorted(wanted)
-        self.unmap_retired()  # a page on its way out is unmapped first (it shows as mapped)
-        with self._ahead_lock, self.lock:
-            for page in pages:
-                if isinstance(page, bool) or not isinstance(page, int):
-                    raise ValueError(f"KV page {page!r} is not an integer")
-                if not 0 < page < self.space.num_pages:
-                    raise ValueError(f"KV page {page} out of range [1, {self.space.num_pages})")
-                if self.space.is_mapped(page):
-                    raise ValueError(f"KV page {page} is already mapped")
-            if not pages:
-                return True
-            if not self._map(pages):
-                self._misses += 1
-                return False
-            self._unmapped = [page for page in self._unmapped if page not in wanted]
-            heapq.heapify(self._unmapped)
-            self._book.take_whole(pages)
-            self._recount()
-            return True
+    def take_pages(self, pages: Iterable[int]) -> list[int] | None:
+        """Take every block of these KV pages, mapping those that are unmapped, for a
+        caller that must use fixed block ids (vLLM's V2 warmup writes blocks 1, 2, ...
+        without asking a scheduler). Returns the pages taken: a mapped page that holds
+        live blocks (the null block's) is left as it is, and stays mapped while they live.
+        None, a miss with nothing changed, when the memory cannot be had. Give the pages
+        taken back with :meth:`free_pages`.
+
+        Everything is decided under the locks that mapping ahead and allocation take, so
+        that no page is taken twice, or unmapped while its blocks are written."""
+        wanted = sorted(set(pages))
+        for page in wanted:
+            if isinstance(page, bool) or not isinstance(page, int):
+                raise ValueError(f"KV page {page!r} is not an integer")
+            if not 0 < page < self.space.num_pages:
+                raise ValueError(f"KV page {page} out of range [1, {self.space.num_pages})")
+        while True:
+            self.unmap_retired()  # a page on its way out is unmapped first
+            with self._ahead_lock, self.lock:
+                unmapped = set(self._unmapped)
+                fresh = [page for page in wanted if page in unmapped]
+                empty = [p for p in wanted if self._book.is_mapped(p) and self._book.live_blocks(p) == 0]
+                in_flight = [p for p in wanted if p not in unmapped and not self._book.is_mapped(p)]
+                if in_flight:  # being unmapped on another thread: the next unmap_retired waits
+                    time.sleep(0.001)
+                    continue
+                if fresh and not self._map(fresh):
+                    self._misses += 1
+                    return None
+                self._unmapped = [page for page in self._unmapped if page not in fresh]
+                heapq.heapify(self._unmapped)
+                taken = sorted(fresh + empty)
+                self._book.take_whole(taken)
+                self._recount()
+                return taken
 
     def free_pages(self, pages: Iterable[int]) -> None:
         """Return whole pages taken with :meth:`alloc_pages`; every block on them must be
@@ -310,22 +319,29 @@ class BlockAllocator:
 
     def unmap_retired(self) -> None:
         """Unmap the pages that emptied past what is kept mapped, and return their memory
-        to the pool. Not under ``lock``: allocations and frees go on meanwhile."""
+        to the pool; on return, an unmap in flight on another thread is done too. The
+        driver call runs outside ``lock``, so allocations and frees go on meanwhile, and
+        ``_unmap_lock`` is never held while waiting for ``lock``: reclaim calls this with
+        ``lock`` held."""
+        with self.lock:
+            pages, self._retiring = self._retiring, []
+        error: BaseException | None = None
         with self._unmap_lock:
-            with self.lock:
-                pages, self._retiring = self._retiring, []
             if not pages:
                 return
             try:
                 self.space.unmap_pages(pages)
-            finally:
-                with self.lock:
-                    for page in pages:
-                        if self.space.is_mapped(page):  # a driver error left it: retried later
-                            self._retiring.append(page)
-                        else:
-                            heapq.heappush(self._unmapped, page)
-                            self._unmapped_blocks += self._book.page_size(page)
+            except BaseException as raised:  # the bookkeeping below follows what it did
+                error = raised
+        with self.lock:
+            for page in pages:
+                if self.space.is_mapped(page):  # a driver error left it: retried later
+                    self._retiring.append(page)
+                else:
+                    heapq.heappush(self._unmapped, page)
+                    self._unmapped_blocks += self._book.page_size(page)
+        if error is not None:
+            raise error
 
     def _settle(self) -> None:
         if self._retiring:
