@@ -223,6 +223,27 @@ def test_pages_an_unmap_failed_to_free_are_retried_and_the_rest_can_map_again():
         vmm.close()
 
 
+def test_pages_a_map_failed_to_back_are_not_lost():
+    """Over the ACL shim, whose maps fail on request: a driver error while mapping a page
+    (for an allocation, or ahead of one) leaves it unmapped and free to map again."""
+    shim = ctypes.CDLL(os.environ["VMKV_ACL_LIBRARY"])
+    vmm = open_vmm("acl", page_size=2 << 20)
+    try:
+        space = KVSpace(PagePool(vmm), [512 << 10, 512 << 10], 16)  # 4 blocks a page, 2 physical
+        allocator = BlockAllocator(space)
+        free_blocks = allocator.num_free_blocks()
+        for fail in (lambda: allocator.alloc(4), lambda: allocator.map_ahead(2)):
+            shim.vmkv_shim_fail_maps_after(1)  # the second physical page of the first KV page
+            with pytest.raises(DriverError, match="injected"):
+                fail()
+            shim.vmkv_shim_fail_maps_after(-1)
+            assert space.mapped_pages == 1 and allocator.num_free_blocks() == free_blocks
+        assert allocator.alloc(15) is not None and space.mapped_pages == 4  # every page maps again
+    finally:
+        shim.vmkv_shim_fail_maps_after(-1)
+        vmm.close()
+
+
 def test_map_ahead_maps_pages_while_the_engine_keeps_allocating():
     """The driver calls of a map ahead run without the allocator's lock: the engine
     allocates from mapped pages meanwhile, and the pages then serve allocations as they are."""

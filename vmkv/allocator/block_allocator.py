@@ -223,13 +223,16 @@ class BlockAllocator:
         with self._ahead_lock:
             with self.lock:
                 picked = [heapq.heappop(self._unmapped) for _ in range(min(pages, len(self._unmapped)))]
-            mapped = bool(picked) and self.space.map_pages(picked)
-            with self.lock:
-                if mapped:
-                    self._add_mapped(picked)
-                else:
-                    for page in picked:
-                        heapq.heappush(self._unmapped, page)
+            mapped = False
+            try:
+                mapped = bool(picked) and self.space.map_pages(picked)
+            finally:  # a driver error leaves them unmapped (KVSpace rolls back): back to the heap
+                with self.lock:
+                    if mapped:
+                        self._add_mapped(picked)
+                    else:
+                        for page in picked:
+                            heapq.heappush(self._unmapped, page)
             return len(picked) if mapped else 0
 
     def _kept_pages(self) -> int:
@@ -358,11 +361,14 @@ class BlockAllocator:
         if count > len(self._unmapped):
             return None
         pages = [heapq.heappop(self._unmapped) for _ in range(count)]
-        if not self._map(pages):
-            for page in pages:
-                heapq.heappush(self._unmapped, page)
-            return None
-        return pages
+        mapped = False
+        try:
+            mapped = self._map(pages)
+        finally:  # a miss, or a driver error (KVSpace left them unmapped): back to the heap
+            if not mapped:
+                for page in pages:
+                    heapq.heappush(self._unmapped, page)
+        return pages if mapped else None
 
     def _map(self, pages: list[int]) -> bool:
         """Map ``pages`` with all their blocks free; the caller keeps the unmapped heap."""
