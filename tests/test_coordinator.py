@@ -636,3 +636,18 @@ def test_an_overwritten_lock_is_named_not_an_abort_and_reset_removes_the_segment
     removed = vmkv_cli("reset", "--segment", segment.name)
     assert removed.returncode == 0 and "removing it" in removed.stdout
     assert not (SHM_DIR / segment.name.lstrip("/")).exists()
+
+
+def test_header_counters_out_of_range_are_corruption_not_an_overflow(segment):
+    """A budget or generation counter rewritten past what vmkv ever writes would let the
+    sum of leases or the next generation wrap: both are refused as corruption."""
+    with open(SHM_DIR / segment.name.lstrip("/"), "r+b") as shared:
+        raw = mmap.mmap(shared.fileno(), 0)
+        for offset, value in ((32, 1 << 41), (40, 1 << 63)):  # Header.budget_pages, next_generation
+            saved = raw[offset : offset + 8]
+            raw[offset : offset + 8] = value.to_bytes(8, "little")
+            with pytest.raises(SegmentError, match="budget or generation counter is out of range"):
+                segment.table.header()
+            raw[offset : offset + 8] = saved
+        raw.close()
+    assert segment.table.header()["budget_pages"] == BUDGET_PAGES
