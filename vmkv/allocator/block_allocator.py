@@ -285,21 +285,20 @@ class BlockAllocator:
             self.unmap_retired()  # a page on its way out is unmapped first
             with self._ahead_lock, self.lock:
                 unmapped = set(self._unmapped)
-                fresh = [page for page in wanted if page in unmapped]
-                empty = [p for p in wanted if self._book.is_mapped(p) and self._book.live_blocks(p) == 0]
-                in_flight = [p for p in wanted if p not in unmapped and not self._book.is_mapped(p)]
-                if in_flight:  # being unmapped on another thread: the next unmap_retired waits
-                    time.sleep(0.001)
-                    continue
-                if fresh and not self._map(fresh):
-                    self._misses += 1
-                    return None
-                self._unmapped = [page for page in self._unmapped if page not in fresh]
-                heapq.heapify(self._unmapped)
-                taken = sorted(fresh + empty)
-                self._book.take_whole(taken)
-                self._recount()
-                return taken
+                if all(page in unmapped or self._book.is_mapped(page) for page in wanted):
+                    fresh = [page for page in wanted if page in unmapped]
+                    empty = [p for p in wanted if self._book.is_mapped(p) and self._book.live_blocks(p) == 0]
+                    if fresh and not self._map(fresh):
+                        self._misses += 1
+                        return None
+                    self._unmapped = [page for page in self._unmapped if page not in fresh]
+                    heapq.heapify(self._unmapped)
+                    taken = sorted(fresh + empty)
+                    self._book.take_whole(taken)
+                    self._recount()
+                    return taken
+            # A page is being unmapped on another thread, which needs the locks to finish.
+            time.sleep(0.001)
 
     def free_pages(self, pages: Iterable[int]) -> None:
         """Return whole pages taken with :meth:`alloc_pages`; every block on them must be
